@@ -1,0 +1,98 @@
+"""The one place meshjobs talks to nats-py directly: connecting and translating errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from .errors import ConnectError
+from .identity import Identity
+
+log = logging.getLogger("meshjobs.nats")
+
+
+class _GuardedClient(NATS):
+    """A nats-py client whose nkey login refuses to sign unusual nonces.
+
+    Upstream gap (nats-py 2.16): the nkey login callback signs whatever nonce
+    the server sends. We wrap the private ``_setup_nkeys_seed_connect`` so the
+    callback goes through :meth:`Identity.sign_login_nonce`, which refuses
+    anything that could be the bytes of a meshjobs envelope.
+    """
+
+    meshjobs_identity: Identity | None = None
+
+    def _setup_nkeys_seed_connect(self) -> None:
+        super()._setup_nkeys_seed_connect()
+        identity = self.meshjobs_identity
+        if identity is not None:
+            import base64
+
+            self._signature_cb = lambda nonce: base64.b64encode(identity.sign_login_nonce(nonce))
+
+
+async def connect(
+    servers: str | list[str],
+    identity: Identity | None = None,
+    *,
+    name: str = "meshjobs",
+    forever: bool = False,
+    connect_timeout: float = 2.0,
+    on_disconnect: Callable[[], Awaitable[None]] | None = None,
+) -> NATS:
+    """Connect to NATS.
+
+    ``forever=True`` is for long-running workers: reconnect without limit
+    (nats-py gives up after about two minutes by default) and keep trying the
+    first connection too. Otherwise a few quick attempts, then
+    :class:`ConnectError`.
+    """
+    urls = [servers] if isinstance(servers, str) else list(servers)
+
+    async def error_cb(exc: Exception) -> None:
+        log.debug("nats: %s: %s", type(exc).__name__, exc)
+
+    async def disconnected_cb() -> None:
+        log.warning("disconnected from NATS; reconnecting")
+        if on_disconnect is not None:
+            await on_disconnect()
+
+    async def reconnected_cb() -> None:
+        log.warning("reconnected to NATS at %s", client.connected_url.netloc if client.connected_url else "?")
+
+    client = _GuardedClient()
+    client.meshjobs_identity = identity
+    options: dict[str, Any] = {
+        "servers": urls,
+        "name": name,
+        "connect_timeout": connect_timeout,
+        "error_cb": error_cb,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1 if forever else 2,
+        "reconnect_time_wait": 1.0 if forever else 0.2,
+        "pending_size": 8 * 1024 * 1024,
+    }
+    if forever:
+        options["disconnected_cb"] = disconnected_cb
+        options["reconnected_cb"] = reconnected_cb
+    if identity is not None:
+        options["nkeys_seed_str"] = identity.seed_text()
+    try:
+        await client.connect(**options)
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise ConnectError(f"cannot connect to NATS at {', '.join(urls)}: {_describe(exc)}") from exc
+    return client
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, nats.errors.NoServersError):
+        return "no server answered (is `meshjobs up` running?)"
+    text = str(exc) or type(exc).__name__
+    if "Authorization" in text:
+        return "the server refused our credentials"
+    return text

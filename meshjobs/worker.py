@@ -1,0 +1,347 @@
+"""The worker runtime: receive, verify, run, sign, answer.
+
+For each capability of the app the worker subscribes twice: to
+``mesh.cmd.<capability>`` in the capability's queue group (load-balanced among
+all workers offering it) and to its own direct subject. Every message goes
+through :meth:`Worker._admit` — size, signature, strict decoding, audience,
+registered capability, trust, validity window, replay — before any handler
+code sees it; every refusal is answered with a signed rejection carrying a
+reason code and never stalls the worker.
+
+Jobs run concurrently up to ``concurrency``; jobs accepted but waiting for a
+slot count towards ``max_pending``, beyond which the worker sheds load with a
+retryable ``overloaded`` rejection. While a job runs the worker sends signed
+``running`` heartbeats so the client can tell a slow job from a lost one. On
+SIGTERM it drains: stops taking work, finishes what it holds (or hands it back
+as ``shutting_down`` after ``drain_timeout``), then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.nuid import NUID
+
+from ._version import __version__
+from ._nats import connect
+from .app import App, Capability, InvalidArguments, JobContext
+from .discovery import Endpoint, ServiceResponder
+from .envelope import MAX_FRAME_BYTES, Envelope, check_window, digest, now_ms, open_envelope, seal_result
+from .errors import Reason, Rejected
+from .identity import Identity
+from .ledger import JobEntry, JobTable, ReplayGuard
+from .policy import TrustPolicy
+from .subjects import PEER_QUEUE, peer_subject, queue_subject
+
+log = logging.getLogger("meshjobs.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker runs. Every field has a sensible default."""
+
+    concurrency: int = 16
+    max_pending: int = 1024
+    clock_skew: float = 60.0
+    max_validity: float = 3600.0
+    max_message_bytes: int = MAX_FRAME_BYTES
+    heartbeat_interval: float = 1.0
+    drain_timeout: float = 30.0
+    name: str | None = None
+    region: str = ""
+    community: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "max_pending", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("clock_skew", "max_validity", "heartbeat_interval", "drain_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} cannot be negative")
+
+
+@dataclass
+class _Running:
+    envelope: Envelope
+    request_digest: str
+    entry: JobEntry
+    started: float
+
+
+class Worker:
+    """Runs one :class:`App` on a NATS connection under one identity."""
+
+    def __init__(self, app: App, identity: Identity, policy: TrustPolicy, config: WorkerConfig | None = None):
+        if not app.capabilities:
+            raise ValueError(f"app {app.name!r} registers no capabilities")
+        self.app = app
+        self.identity = identity
+        self.policy = policy.with_key(identity.public_key)
+        self.config = config or WorkerConfig()
+        self.peer = identity.public_key
+        self.instance_id = NUID().next().decode()
+        self.replays = ReplayGuard()
+        self.jobs = JobTable()
+        self.rejected = 0
+        self._nc: NATS | None = None
+        self._subs: list[Subscription] = []
+        self._slots = asyncio.Semaphore(self.config.concurrency)
+        self._running: dict[tuple[str, str], _Running] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._draining = False
+        self.responder = ServiceResponder(
+            self.instance_id,
+            __version__,
+            app.description or f"meshjobs worker {app.name}",
+            {
+                "peer": self.peer,
+                "name": self.config.name or app.name,
+                "kind": app.kind,
+                "region": self.config.region,
+                "community": self.config.community,
+                "meshjobs": __version__,
+            },
+        )
+        self._endpoints: dict[str, Endpoint] = {}
+        for cap in app.capabilities.values():
+            meta = {
+                "capability": cap.name,
+                "deterministic": str(cap.deterministic).lower(),
+                "timeout": f"{cap.timeout:g}",
+                "description": cap.description,
+            }
+            endpoint_name = cap.name.replace(".", "_")
+            shared = Endpoint(endpoint_name, queue_subject(cap.name), queue_subject(cap.name), meta)
+            direct = Endpoint(f"{endpoint_name}-direct", peer_subject(self.peer, cap.name), PEER_QUEUE, meta)
+            self.responder.endpoints += [shared, direct]
+            self._endpoints[cap.name] = shared
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self, nc: NATS) -> None:
+        """Subscribe and start answering. The connection stays the caller's."""
+        self._nc = nc
+        for cap in self.app.capabilities.values():
+            for endpoint in self.responder.endpoints:
+                if endpoint.metadata["capability"] != cap.name:
+                    continue
+                sub = await nc.subscribe(
+                    endpoint.subject, queue=endpoint.queue_group, cb=self._callback(cap), pending_msgs_limit=65536
+                )
+                self._subs.append(sub)
+        await self.responder.start(nc)
+        await nc.flush()
+        self._heartbeat = asyncio.create_task(self._heartbeats())
+        log.info(
+            "worker %s (%s, %s) serving %s",
+            self.peer,
+            self.config.name or self.app.name,
+            self.app.kind,
+            ", ".join(sorted(self.app.capabilities)),
+        )
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve` to drain and return (safe from a signal handler)."""
+        self._stop.set()
+
+    async def serve(self, servers: str | list[str]) -> None:
+        """Connect (retrying forever), serve until SIGTERM/SIGINT, then drain and close."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        nc = await connect(servers, self.identity, name=f"meshjobs-worker-{self.app.name}", forever=True)
+        try:
+            await self.start(nc)
+            await self._stop.wait()
+            log.info("draining: %d job(s) in flight", self.jobs.inflight)
+            await self.drain()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await nc.close()
+        log.info("worker stopped")
+
+    async def drain(self) -> None:
+        """Stop taking work, finish or hand back in-flight jobs, stop answering discovery."""
+        self._draining = True
+        await self.responder.stop()
+        for sub in self._subs:
+            # drain() processes what the server already delivered to us
+            # (those jobs are ours) and then unsubscribes.
+            await sub.drain()
+        self._subs.clear()
+        if self._tasks:
+            done, pending = await asyncio.wait(set(self._tasks), timeout=self.config.drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("drain timeout: handing back %d unfinished job(s)", len(pending))
+                await asyncio.wait(pending)
+        if self._heartbeat:
+            self._heartbeat.cancel()
+        if self._nc and self._nc.is_connected:
+            await self._nc.flush()
+
+    # -- receiving ---------------------------------------------------------
+
+    def _callback(self, cap: Capability) -> Any:
+        async def on_message(msg: Msg) -> None:
+            await self._receive(msg, cap)
+
+        return on_message
+
+    def _admit(self, data: bytes, subject: str, cap: Capability) -> Envelope:
+        envelope = open_envelope(data, self.config.max_message_bytes)
+        if envelope.capability != cap.name or envelope.audience != subject:
+            raise Rejected(
+                Reason.WRONG_AUDIENCE,
+                f"signed for {envelope.audience!r} ({envelope.capability}) but arrived on {subject!r}",
+            )
+        if envelope.capability not in self.app.capabilities:
+            raise Rejected(Reason.UNKNOWN_CAPABILITY)
+        self.policy.check(envelope.submitter, envelope.capability)
+        now = now_ms()
+        skew = int(self.config.clock_skew * 1000)
+        check_window(envelope, now, skew, int(self.config.max_validity * 1000))
+        self.replays.check_and_record(envelope.submitter, envelope.nonce, envelope.expires_at + skew, now)
+        return envelope
+
+    async def _receive(self, msg: Msg, cap: Capability) -> None:
+        data, reply = msg.data, msg.reply
+        request_digest = digest(data)
+        try:
+            envelope = self._admit(data, msg.subject, cap)
+        except Rejected as exc:
+            await self._refuse(reply, request_digest, None, exc)
+            return
+        key = (envelope.submitter, envelope.job_id)
+        now = now_ms()
+        entry = self.jobs.get(key, now)
+        if entry is not None:
+            await self._join(entry, envelope, reply, request_digest)
+            return
+        if self._draining:
+            await self._refuse(reply, request_digest, envelope.job_id, Rejected(Reason.SHUTTING_DOWN))
+            return
+        if self.jobs.inflight >= self.config.max_pending:
+            await self._refuse(reply, request_digest, envelope.job_id, Rejected(Reason.OVERLOADED))
+            return
+        entry = JobEntry(envelope.capability, envelope.args, envelope.expires_at + int(self.config.clock_skew * 1000))
+        if reply:
+            entry.replies.append(reply)
+        self.jobs.add(key, entry)
+        running = _Running(envelope, request_digest, entry, time.monotonic())
+        self._running[key] = running
+        task = asyncio.create_task(self._run(key, running, cap))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _join(self, entry: JobEntry, envelope: Envelope, reply: str | None, request_digest: str) -> None:
+        """A retry of a job we already hold: answer it from the first run."""
+        if not entry.same_request(envelope.capability, envelope.args):
+            await self._refuse(reply, request_digest, envelope.job_id, Rejected(Reason.JOB_CONFLICT))
+        elif entry.result is not None:
+            if reply:
+                await self._publish(reply, entry.result)
+        elif reply:
+            entry.replies.append(reply)
+
+    async def _refuse(self, reply: str | None, request_digest: str, job_id: str | None, exc: Rejected) -> None:
+        self.rejected += 1
+        log.warning("rejected %s: %s", job_id or "message", exc)
+        if reply:
+            frame = seal_result(
+                self.identity,
+                request_digest=request_digest,
+                job_id=job_id,
+                status="rejected",
+                error=(exc.reason.value, exc.message),
+            )
+            await self._publish(reply, frame)
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await nc.publish(subject, data)
+        except Exception as exc:  # noqa: BLE001 - a lost reply is retried by the client
+            log.debug("could not publish a reply: %s", exc)
+
+    # -- running -----------------------------------------------------------
+
+    async def _run(self, key: tuple[str, str], running: _Running, cap: Capability) -> None:
+        envelope = running.envelope
+        try:
+            async with self._slots:
+                status, value, error = await self._execute(cap, envelope)
+        except asyncio.CancelledError:
+            self._running.pop(key, None)
+            entry = running.entry
+            self.jobs.forget(key)
+            for reply in entry.replies:
+                await self._refuse(reply, running.request_digest, envelope.job_id, Rejected(Reason.SHUTTING_DOWN))
+            raise
+        frame = seal_result(
+            self.identity,
+            request_digest=running.request_digest,
+            job_id=envelope.job_id,
+            status=status,
+            value=value,
+            error=error,
+        )
+        self._running.pop(key, None)
+        entry = self.jobs.complete(key, frame, now_ms())
+        replies, entry.replies = entry.replies, []
+        for reply in replies:
+            await self._publish(reply, frame)
+        self._endpoints[cap.name].stats.record(
+            int((time.monotonic() - running.started) * 1e9), None if status == "ok" else (error or ("", ""))[1]
+        )
+
+    async def _execute(self, cap: Capability, envelope: Envelope) -> tuple[str, Any, tuple[str, str] | None]:
+        left = (envelope.expires_at - now_ms()) / 1000
+        if left <= 0:
+            return "rejected", None, (Reason.EXPIRED.value, "the job expired while waiting for a free slot")
+        limit = min(cap.timeout, left)
+        context = JobContext(envelope.job_id, cap.name, envelope.submitter, self.peer, envelope.expires_at)
+        try:
+            kwargs = cap.bind(envelope.args)
+            value = await asyncio.wait_for(cap.call(kwargs, context), limit)
+        except InvalidArguments as exc:
+            return "invalid", None, ("invalid_args", str(exc))
+        except asyncio.TimeoutError:
+            log.info("job %s %s timed out after %.3g s", envelope.job_id, cap.name, limit)
+            return "timeout", None, ("timeout", f"{cap.name} did not finish within {limit:.3g} s")
+        except Exception as exc:  # noqa: BLE001 - a failing handler is reported, never fatal
+            log.info("job %s %s failed: %s: %s", envelope.job_id, cap.name, type(exc).__name__, exc)
+            return "error", None, (type(exc).__name__, str(exc) or type(exc).__name__)
+        return "ok", value, None
+
+    async def _heartbeats(self) -> None:
+        """Tell clients waiting on long jobs that the job is still alive."""
+        interval = self.config.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            cutoff = time.monotonic() - interval
+            for running in list(self._running.values()):
+                if running.started > cutoff or not running.entry.replies:
+                    continue
+                frame = seal_result(
+                    self.identity,
+                    request_digest=running.request_digest,
+                    job_id=running.envelope.job_id,
+                    status="running",
+                )
+                for reply in running.entry.replies:
+                    await self._publish(reply, frame)
