@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -37,6 +38,7 @@ from .envelope import (
 )
 from .errors import (
     RETRYABLE_REASONS,
+    ConnectError,
     HandlerError,
     JobTimeout,
     NoPeerError,
@@ -241,7 +243,13 @@ class Client:
         self._attempts[token] = attempt
         self._arm(attempt)
         try:
-            await self.nc.publish(subject, frame, reply=f"{self._prefix}.{token}")
+            try:
+                await self.nc.publish(subject, frame, reply=f"{self._prefix}.{token}")
+            except nats.errors.MaxPayloadError:
+                limit = self.nc.max_payload
+                raise UsageError(f"the command is {len(frame)} bytes; the server accepts at most {limit}") from None
+            except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+                raise ConnectError(f"lost the connection to NATS: {exc}") from exc
             return await attempt.future
         finally:
             del self._attempts[token]

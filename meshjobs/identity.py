@@ -16,6 +16,7 @@ import base64
 import binascii
 import os
 import re
+import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,7 +217,7 @@ def save_identity(identity: Identity, path: Path, *, overwrite: bool = False) ->
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise IdentityError(f"{path} already exists; use --force to replace it")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as handle:

@@ -63,8 +63,10 @@ class JobEntry:
     capability: str
     args: dict[str, Any]
     keep_until_ms: int
-    replies: list[str] = field(default_factory=list)
+    replies: list[tuple[str, str]] = field(default_factory=list)
+    """(reply subject, request digest) of everyone waiting for the result."""
     result: bytes | None = None
+    outcome: tuple[str, Any, tuple[str, str] | None] | None = None
 
     def same_request(self, capability: str, args: dict[str, Any]) -> bool:
         return self.capability == capability and self.args == args
@@ -100,10 +102,13 @@ class JobTable:
     def add(self, key: tuple[str, str], entry: JobEntry) -> None:
         self._inflight[key] = entry
 
-    def complete(self, key: tuple[str, str], result: bytes, now_ms: int) -> JobEntry:
+    def complete(
+        self, key: tuple[str, str], result: bytes, outcome: tuple[str, Any, Any], now_ms: int
+    ) -> JobEntry:
         """Store the result; returns the entry, whose ``replies`` are still to be answered."""
         entry = self._inflight.pop(key)
         entry.result = result
+        entry.outcome = outcome
         self._done[key] = entry
         self._bytes += len(result)
         self._evict(now_ms)

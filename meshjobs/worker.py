@@ -43,6 +43,10 @@ from .subjects import PEER_QUEUE, peer_subject, queue_subject
 
 log = logging.getLogger("meshjobs.worker")
 
+#: What a job came to: (status, value, (error code, message) or None).
+Outcome = tuple[str, Any, "tuple[str, str] | None"]
+RUNNING: Outcome = ("running", None, None)
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -238,7 +242,7 @@ class Worker:
             return
         entry = JobEntry(envelope.capability, envelope.args, envelope.expires_at + int(self.config.clock_skew * 1000))
         if reply:
-            entry.replies.append(reply)
+            entry.replies.append((reply, request_digest))
         self.jobs.add(key, entry)
         running = _Running(envelope, request_digest, entry, time.monotonic())
         self._running[key] = running
@@ -247,27 +251,32 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
 
     async def _join(self, entry: JobEntry, envelope: Envelope, reply: str | None, request_digest: str) -> None:
-        """A retry of a job we already hold: answer it from the first run."""
+        """A retry of a job we already hold: answer it from the first run, never run it again."""
         if not entry.same_request(envelope.capability, envelope.args):
             await self._refuse(reply, request_digest, envelope.job_id, Rejected(Reason.JOB_CONFLICT))
-        elif entry.result is not None:
-            if reply:
-                await self._publish(reply, entry.result)
-        elif reply:
-            entry.replies.append(reply)
+        elif reply is None:
+            return
+        elif entry.outcome is not None:
+            # Bound to *this* request, so the retrying client can verify it.
+            await self._publish(reply, self._seal(envelope.job_id, request_digest, entry.outcome))
+        else:
+            entry.replies.append((reply, request_digest))
+
+    def _seal(self, job_id: str | None, request_digest: str, outcome: Outcome) -> bytes:
+        status, value, error = outcome
+        try:
+            return seal_result(
+                self.identity, request_digest=request_digest, job_id=job_id, status=status, value=value, error=error
+            )
+        except ValueError as exc:
+            error = ("ResultError", f"the handler returned a value that cannot be sent: {exc}")
+            return seal_result(self.identity, request_digest=request_digest, job_id=job_id, status="error", error=error)
 
     async def _refuse(self, reply: str | None, request_digest: str, job_id: str | None, exc: Rejected) -> None:
         self.rejected += 1
         log.warning("rejected %s: %s", job_id or "message", exc)
         if reply:
-            frame = seal_result(
-                self.identity,
-                request_digest=request_digest,
-                job_id=job_id,
-                status="rejected",
-                error=(exc.reason.value, exc.message),
-            )
-            await self._publish(reply, frame)
+            await self._publish(reply, self._seal(job_id, request_digest, ("rejected", None, (exc.code, exc.message))))
 
     async def _publish(self, subject: str, data: bytes) -> None:
         nc = self._nc
@@ -284,32 +293,26 @@ class Worker:
         envelope = running.envelope
         try:
             async with self._slots:
-                status, value, error = await self._execute(cap, envelope)
+                outcome = await self._execute(cap, envelope)
         except asyncio.CancelledError:
             self._running.pop(key, None)
-            entry = running.entry
             self.jobs.forget(key)
-            for reply in entry.replies:
-                await self._refuse(reply, running.request_digest, envelope.job_id, Rejected(Reason.SHUTTING_DOWN))
+            for reply, request_digest in running.entry.replies:
+                await self._refuse(reply, request_digest, envelope.job_id, Rejected(Reason.SHUTTING_DOWN))
             raise
-        frame = seal_result(
-            self.identity,
-            request_digest=running.request_digest,
-            job_id=envelope.job_id,
-            status=status,
-            value=value,
-            error=error,
-        )
+        frame = self._seal(envelope.job_id, running.request_digest, outcome)
         self._running.pop(key, None)
-        entry = self.jobs.complete(key, frame, now_ms())
+        entry = self.jobs.complete(key, frame, outcome, now_ms())
         replies, entry.replies = entry.replies, []
-        for reply in replies:
-            await self._publish(reply, frame)
+        for reply, request_digest in replies:
+            same = request_digest == running.request_digest
+            await self._publish(reply, frame if same else self._seal(envelope.job_id, request_digest, outcome))
+        status, _, error = outcome
         self._endpoints[cap.name].stats.record(
             int((time.monotonic() - running.started) * 1e9), None if status == "ok" else (error or ("", ""))[1]
         )
 
-    async def _execute(self, cap: Capability, envelope: Envelope) -> tuple[str, Any, tuple[str, str] | None]:
+    async def _execute(self, cap: Capability, envelope: Envelope) -> Outcome:
         left = (envelope.expires_at - now_ms()) / 1000
         if left <= 0:
             return "rejected", None, (Reason.EXPIRED.value, "the job expired while waiting for a free slot")
@@ -335,13 +338,7 @@ class Worker:
             await asyncio.sleep(interval)
             cutoff = time.monotonic() - interval
             for running in list(self._running.values()):
-                if running.started > cutoff or not running.entry.replies:
+                if running.started > cutoff:
                     continue
-                frame = seal_result(
-                    self.identity,
-                    request_digest=running.request_digest,
-                    job_id=running.envelope.job_id,
-                    status="running",
-                )
-                for reply in running.entry.replies:
-                    await self._publish(reply, frame)
+                for reply, request_digest in running.entry.replies:
+                    await self._publish(reply, self._seal(running.envelope.job_id, request_digest, RUNNING))
