@@ -133,9 +133,21 @@ def show_id(as_json: bool, server: str) -> None:
 
 
 @main.command()
-@click.option("--port", type=click.IntRange(0, 65535), default=4222, show_default=True, help="Client port (0: any free).")
-@click.option("--monitor-port", type=click.IntRange(0, 65535), default=8222, show_default=True, help="HTTP monitoring port (0: any free).")
-@click.option("--store", type=click.Path(file_okay=False, path_type=Path), help="JetStream data dir [default: MESHJOBS_HOME/broker].")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=4222, show_default=True, help="Client port (0: any free)."
+)
+@click.option(
+    "--monitor-port",
+    type=click.IntRange(0, 65535),
+    default=8222,
+    show_default=True,
+    help="HTTP monitoring port (0: any free).",
+)
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="JetStream data dir [default: MESHJOBS_HOME/broker].",
+)
 @server_option
 @guarded
 def up(port: int, monitor_port: int, store: Path | None, server: str) -> None:
@@ -187,13 +199,24 @@ def load_app(spec: str) -> App:
 
 @main.command()
 @click.argument("app_spec", metavar="MODULE:ATTR")
-@click.option("--concurrency", "-c", type=click.IntRange(1, 10000), default=16, show_default=True, help="Jobs run at once.")
+@click.option(
+    "--concurrency", "-c", type=click.IntRange(1, 10000), default=16, show_default=True, help="Jobs run at once."
+)
 @click.option("--name", help="Display name in discovery [default: the app's name].")
-@click.option("--kind", type=click.Choice(PEER_KINDS), help="What answers: system, ai, human or hybrid [default: the app's].")
+@click.option(
+    "--kind", type=click.Choice(PEER_KINDS), help="What answers: system, ai, human or hybrid [default: the app's]."
+)
 @click.option("--region", default="", help="Region label shown in discovery.")
 @click.option("--community", default="", help="Community label shown in discovery.")
-@click.option("--trust", "trust_file", type=click.Path(dir_okay=False, path_type=Path), help="Trust file [default: MESHJOBS_HOME/trust.toml].")
-@click.option("--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish in-flight jobs on SIGTERM.")
+@click.option(
+    "--trust",
+    "trust_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Trust file [default: MESHJOBS_HOME/trust.toml].",
+)
+@click.option(
+    "--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish in-flight jobs on SIGTERM."
+)
 @server_option
 @guarded
 def worker(
@@ -228,10 +251,22 @@ def worker(
 @main.command()
 @click.argument("capability")
 @click.argument("json_args", required=False)
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, help="Seconds to wait for the result, retries included.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the result, retries included.",
+)
 @click.option("--peer", help="Send to this peer only (its public key).")
 @click.option("--job-id", help="Job id to use (retries with the same id never run twice on a peer).")
-@click.option("--peer-wait", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Seconds to keep trying while no peer offers the capability.")
+@click.option(
+    "--peer-wait",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds to keep trying while no peer offers the capability.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full signed record as JSON.")
 @server_option
 @click.pass_context
@@ -275,7 +310,13 @@ def submit(
 
 
 @main.command()
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Seconds to collect answers.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds to collect answers.",
+)
 @click.option("--capability", help="Only peers offering this capability.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @server_option

@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -65,7 +65,7 @@ class ServiceResponder:
         self.description = description
         self.metadata = metadata
         self.endpoints: list[Endpoint] = []
-        self.started = datetime.now(timezone.utc)
+        self.started = datetime.now(UTC)
         self._subs: list[Subscription] = []
 
     def _identity(self, kind: str) -> dict[str, Any]:
@@ -152,7 +152,7 @@ async def collect(nc: NATS, subject: str, *, timeout: float = 1.0, stall: float 
         while (left := deadline - time.monotonic()) > 0:
             try:
                 msg = await asyncio.wait_for(queue.get(), min(left, wait))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             wait = stall
             if len(msg.data) > MAX_REPLY_BYTES or (msg.headers and msg.headers.get("Status")):

@@ -152,11 +152,16 @@ def open_frame(magic: bytes, data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> t
         if data[:2] == b"MJ" and data[2:3] != b"1" and data[2:3].isdigit():
             raise Rejected(Reason.UNKNOWN_VERSION, f"frame version {data[2:3]!r} is not supported")
         raise Rejected(Reason.MALFORMED)
+    encoded = data[6 + _KEY_LEN : HEADER_LEN - 1]
     try:
         key = data[5 : 5 + _KEY_LEN].decode("ascii")
-        signature = base64.urlsafe_b64decode(data[6 + _KEY_LEN : HEADER_LEN - 1] + b"==")
+        signature = base64.urlsafe_b64decode(encoded + b"==")
     except (UnicodeDecodeError, binascii.Error, ValueError):
         raise Rejected(Reason.MALFORMED, "the frame header is not valid") from None
+    # Only the canonical encoding is accepted: the last character carries 4
+    # unused bits, and a frame must not have several valid spellings.
+    if base64.urlsafe_b64encode(signature).rstrip(b"=") != encoded:
+        raise Rejected(Reason.MALFORMED, "the signature is not canonically encoded")
     body = data[HEADER_LEN:]
     if len(signature) != 64 or not verify(key, DOMAIN[magic] + body, signature):
         raise Rejected(Reason.BAD_SIGNATURE)
@@ -232,7 +237,7 @@ def loads_strict(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
     return value
 
 
-def _parse_body(body: bytes, signer: str) -> dict[str, Any]:
+def _parse_body(body: bytes) -> dict[str, Any]:
     try:
         obj = loads_strict(body)
     except ValueError as exc:
@@ -259,27 +264,35 @@ def seal_envelope(
     job_id: str,
     ttl_ms: int,
     issued_at: int | None = None,
-) -> tuple[Envelope, bytes]:
-    """Build and sign an envelope. Returns the model and the frame bytes to send."""
+) -> tuple[dict[str, Any], bytes]:
+    """Build and sign an envelope. Returns the body and the frame bytes to send.
+
+    The body is checked by the same model a worker uses, so a submitter never
+    sends what a worker would refuse for its shape.
+    """
     issued = now_ms() if issued_at is None else issued_at
-    envelope = Envelope(
-        version=VERSION,
-        job_id=job_id,
-        capability=capability,
-        audience=audience,
-        submitter=identity.public_key,
-        nonce=new_nonce(),
-        issued_at=issued,
-        expires_at=issued + ttl_ms,
-        args=args,
-    )
-    return envelope, _seal(ENVELOPE_MAGIC, identity, _dumps(envelope.model_dump()))
+    body = {
+        "version": VERSION,
+        "job_id": job_id,
+        "capability": capability,
+        "audience": audience,
+        "submitter": identity.public_key,
+        "nonce": new_nonce(),
+        "issued_at": issued,
+        "expires_at": issued + ttl_ms,
+        "args": args,
+    }
+    try:
+        Envelope.model_validate(body)
+    except ValidationError as exc:
+        raise ValueError(str(_schema_error(exc))) from None
+    return body, _seal(ENVELOPE_MAGIC, identity, _dumps(body))
 
 
 def open_envelope(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
     """Verify then strictly decode an envelope frame. Time and trust are checked elsewhere."""
     signer, body = open_frame(ENVELOPE_MAGIC, data, max_bytes)
-    obj = _parse_body(body, signer)
+    obj = _parse_body(body)
     try:
         envelope = Envelope.model_validate(obj)
     except ValidationError as exc:
@@ -329,7 +342,7 @@ def seal_result(
 def open_result(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Result:
     """Verify then strictly decode a result frame."""
     signer, body = open_frame(RESULT_MAGIC, data, max_bytes)
-    obj = _parse_body(body, signer)
+    obj = _parse_body(body)
     try:
         result = Result.model_validate(obj)
     except ValidationError as exc:
@@ -341,4 +354,5 @@ def open_result(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Result:
 
 def result_body(data: bytes) -> dict[str, Any]:
     """The JSON body of an already verified frame, for ``--json`` output."""
-    return json.loads(data[HEADER_LEN:])
+    body: dict[str, Any] = json.loads(data[HEADER_LEN:])
+    return body

@@ -25,7 +25,7 @@ import enum
 from typing import Any
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     """Stable, machine-readable reason codes for every rejection.
 
     The values are part of the wire format and of ``--json`` output: never
@@ -152,8 +152,8 @@ class Rejected(MeshError):
             reason = Reason(reason)
         except ValueError:
             pass
-        super().__init__(message or REASON_TEXT.get(reason, "rejected")  # type: ignore[call-overload]
-                         )
+        default = REASON_TEXT[reason] if isinstance(reason, Reason) else "rejected"
+        super().__init__(message or default)
         self.reason: Reason | str = reason
         self.result = result
 

@@ -102,9 +102,7 @@ class JobTable:
     def add(self, key: tuple[str, str], entry: JobEntry) -> None:
         self._inflight[key] = entry
 
-    def complete(
-        self, key: tuple[str, str], result: bytes, outcome: tuple[str, Any, Any], now_ms: int
-    ) -> JobEntry:
+    def complete(self, key: tuple[str, str], result: bytes, outcome: tuple[str, Any, Any], now_ms: int) -> JobEntry:
         """Store the result; returns the entry, whose ``replies`` are still to be answered."""
         entry = self._inflight.pop(key)
         entry.result = result

@@ -27,7 +27,7 @@ from .broker import embedded
 from .client import Client
 from .errors import MeshError
 from .identity import IDENTITY_FILE, Identity, load_or_create
-from .render import peers_table, short_key
+from .render import peers_table
 
 DEMO_JOBS: list[tuple[str, dict[str, Any]]] = [
     ("demo.add", {"a": 2, "b": 3}),

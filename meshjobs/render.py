@@ -25,7 +25,5 @@ def peers_table(peers: Iterable[PeerInfo], console: Console | None = None) -> No
     for column in ("peer", "name", "kind", "region", "community", "capabilities"):
         table.add_column(column)
     for p in rows:
-        table.add_row(
-            short_key(p.peer), p.name, p.kind, p.region or "-", p.community or "-", ", ".join(p.capabilities)
-        )
+        table.add_row(short_key(p.peer), p.name, p.kind, p.region or "-", p.community or "-", ", ".join(p.capabilities))
     console.print(table)

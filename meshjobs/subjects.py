@@ -14,6 +14,7 @@ first token are rejected before anything is published.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from .errors import UsageError
@@ -30,8 +31,19 @@ PEER_PREFIX = "mesh.peer."
 PEER_QUEUE = "mesh.peer"
 
 
+@functools.lru_cache(maxsize=4096)
+def _valid(name: str) -> bool:
+    return _problem(name) is None
+
+
 def capability_problem(name: object) -> str | None:
     """Why *name* is not a valid capability, or None when it is."""
+    if isinstance(name, str) and _valid(name):
+        return None
+    return _problem(name)
+
+
+def _problem(name: object) -> str | None:
     if not isinstance(name, str):
         return "a capability name must be a string"
     if not name:

@@ -58,7 +58,9 @@ def cli_env(home: Path, server: str | None = None, **extra: str) -> dict[str, st
     return env
 
 
-def meshjobs(*args: str, env: dict[str, str], timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def meshjobs(
+    *args: str, env: dict[str, str], timeout: float = 60, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user would, in the repo directory."""
     return subprocess.run(
         [sys.executable, "-m", "meshjobs", *args],

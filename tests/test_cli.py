@@ -23,7 +23,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def demo_worker(start_worker: Callable[..., WorkerProcess], broker: NatsServer, identity: Identity) -> Iterator[WorkerProcess]:
+def demo_worker(
+    start_worker: Callable[..., WorkerProcess], broker: NatsServer, identity: Identity
+) -> Iterator[WorkerProcess]:
     worker = start_worker()
     import asyncio
 
@@ -37,7 +39,8 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
     env = cli_env(home)
     with open(os.devnull, "rb") as devnull:
         up = subprocess.Popen(
-            [sys.executable, "-m", "meshjobs", "up", "--port", "0", "--monitor-port", "0", "--store", str(tmp_path / "store")],
+            [sys.executable, "-m", "meshjobs", "up", "--port", "0", "--monitor-port", "0",
+             "--store", str(tmp_path / "store")],
             env=env, cwd=REPO, stdin=devnull, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
     worker = None
@@ -163,7 +166,11 @@ def test_keygen_and_id(tmp_path: Path) -> None:
 
 def test_worker_bad_app_spec_is_one_line(tmp_path: Path) -> None:
     env = cli_env(tmp_path / "h", "nats://127.0.0.1:1")
-    for spec, message in [("nope", "MODULE:ATTR"), ("no.such.module:app", "cannot import"), ("workers.demo:add", "not a meshjobs App")]:
+    for spec, message in [
+        ("nope", "MODULE:ATTR"),
+        ("no.such.module:app", "cannot import"),
+        ("workers.demo:add", "not a meshjobs App"),
+    ]:
         out = meshjobs("worker", spec, env=env)
         assert out.returncode == 2 and message in out.stderr, out.stderr
         assert "Traceback" not in out.stderr

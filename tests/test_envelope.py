@@ -82,6 +82,14 @@ def test_flipped_byte_in_signature() -> None:
     assert reason_of(bytes(frame)) == Reason.BAD_SIGNATURE
 
 
+def test_signature_encoding_is_canonical() -> None:
+    """The last base64 character has spare bits; flipping them must not yield a second valid frame."""
+    frame = bytearray(envelope())
+    last = HEADER_LEN - 2
+    frame[last] += 1
+    assert reason_of(bytes(frame)) in (Reason.MALFORMED, Reason.BAD_SIGNATURE)
+
+
 def test_key_swapped_in_header() -> None:
     frame = envelope()
     swapped = frame[:5] + MALLORY.public_key.encode() + frame[5 + 56 :]
@@ -134,7 +142,9 @@ def test_wrongly_typed_field() -> None:
     assert reason_of(resign(body)) == Reason.SCHEMA
 
 
-@pytest.mark.parametrize("capability", ["demo.*", "demo.>", "demo add", "demo..add", "Demo.add", "mesh.cmd", "", "a" * 200])
+@pytest.mark.parametrize(
+    "capability", ["demo.*", "demo.>", "demo add", "demo..add", "Demo.add", "mesh.cmd", "", "a" * 200]
+)
 def test_bad_capability(capability: str) -> None:
     body = body_of(envelope())
     body["capability"] = capability

@@ -109,7 +109,7 @@ def test_login_nonce_guard_refuses_envelope_bytes() -> None:
     identity = Identity.generate()
     assert len(identity.sign_login_nonce("QWxhZGRpbjpvcGVuIHNlc2FtZQ")) == 64
     with pytest.raises(IdentityError):
-        identity.sign_login_nonce("meshjobs/1 envelope\x00{\"version\":1}")
+        identity.sign_login_nonce('meshjobs/1 envelope\x00{"version":1}')
 
 
 def test_repr_never_shows_the_seed() -> None:

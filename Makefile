@@ -1,0 +1,36 @@
+# The two commands (see README):
+#   make demo   set up .venv and run the whole path on the embedded broker
+#   make test   set up .venv with test dependencies, lint, run the tests against real servers
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: demo test bench lint clean
+
+$(BIN)/meshjobs: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.dev: $(BIN)/meshjobs
+	$(BIN)/pip install --quiet -e '.[dev,celery]'
+	@touch $@
+
+demo: $(BIN)/meshjobs
+	$(BIN)/meshjobs demo
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: $(VENV)/.dev
+	scripts/ensure-redis
+	$(BIN)/python bench/bench_submit.py
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check meshjobs workers tests bench
+	$(BIN)/ruff format --check meshjobs workers tests bench
+	$(BIN)/mypy meshjobs workers
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
