@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from meshjobs import Client
-from meshjobs.broker import NatsServer
+from meshjobs.broker import NatsServer, embedded
 from meshjobs.identity import IDENTITY_FILE, Identity, load_identity, save_identity
 
-from .conftest import WorkerProcess, wait_for_instances
+from .conftest import REPO, WorkerProcess, cli_env, meshjobs, wait_for_instances
 
 pytestmark = pytest.mark.integration
 
@@ -94,3 +97,38 @@ async def test_drain_timeout_hands_work_back(
     assert await asyncio.to_thread(first.proc.wait, 20) == 0
     assert "handing back 1 unfinished job(s)" in first.output()
     assert load_identity(tmp_path / "home" / IDENTITY_FILE).public_key == identity.public_key
+
+
+async def test_worker_reconnects_after_the_broker_restarts(identity: Identity, tmp_path: Path) -> None:
+    """A worker outlives its broker: it keeps reconnecting and serves again once the broker is back."""
+    first = embedded(tmp_path / "own-broker").start()
+    port = first.port
+    url = first.url
+    home = tmp_path / "home"
+    log = tmp_path / "reconnect-worker.log"
+    with open(os.devnull, "rb") as devnull, log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshjobs", "worker", "workers.demo:app"],
+            env=cli_env(home, url), cwd=REPO, stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    worker = WorkerProcess(proc, log)
+    second = None
+    try:
+        await wait_for_instances(url, identity, 1, "demo.add")
+        first.stop()
+        await asyncio.sleep(3)
+        assert worker.proc.poll() is None, worker.output()
+        second = embedded(tmp_path / "own-broker", port=port).start()
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            out = await asyncio.to_thread(meshjobs, "submit", "demo.add", '{"a": 1, "b": 2}', env=cli_env(home, url))
+            if out.returncode == 0 or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert out.returncode == 0, out.stderr + worker.output()
+        assert out.stdout == "3\n"
+        assert "reconnected to NATS" in worker.output()
+    finally:
+        worker.terminate(timeout=20)
+        if second is not None:
+            second.stop()

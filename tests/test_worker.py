@@ -297,3 +297,52 @@ async def test_nobody_offers_fails_fast(client: Client) -> None:
     with pytest.raises(NoPeerError):
         await client.submit(f"nobody{secrets.token_hex(4)}.here", timeout=30, peer_wait=0.5)
     assert loop.time() - started < 5
+
+
+async def test_concurrency_is_bounded(broker: NatsServer) -> None:
+    cap = f"t{secrets.token_hex(4)}.busy"
+    active, peak = 0, 0
+    app = App("bounded")
+
+    @app.capability(cap)
+    async def busy() -> int:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.2)
+        active -= 1
+        return peak
+
+    me = Identity.generate()
+    worker = Worker(app, me, TrustPolicy(frozenset()), WorkerConfig(concurrency=2))
+    wnc = await nats.connect(broker.url)
+    await worker.start(wnc)
+    try:
+        async with await Client.connect(broker.url, me) as client:
+            outcomes = await asyncio.gather(*(client.submit(cap, timeout=20) for _ in range(8)))
+        assert len(outcomes) == 8
+        assert peak == 2
+    finally:
+        await worker.drain()
+        await wnc.close()
+
+
+async def test_services_protocol_lists_the_worker(rig: Rig) -> None:
+    from meshjobs.discovery import collect
+
+    me = rig.worker_identity.public_key
+    infos = [i for i in await collect(rig.nc, "$SRV.INFO.meshjobs") if i["metadata"].get("peer") == me]
+    assert len(infos) == 1
+    info = infos[0]
+    assert info["type"] == "io.nats.micro.v1.info_response" and info["name"] == "meshjobs"
+    assert info["metadata"]["kind"] == "system"
+    subjects = {e["subject"]: e for e in info["endpoints"]}
+    assert subjects[f"mesh.cmd.{rig.cap}"]["queue_group"] == f"mesh.cmd.{rig.cap}"
+    assert subjects[f"mesh.cmd.{rig.cap}"]["metadata"]["capability"] == rig.cap
+    assert f"mesh.peer.{me}.cmd.{rig.cap}" in subjects
+    pings = await collect(rig.nc, f"$SRV.PING.meshjobs.{info['id']}")
+    assert [p["type"] for p in pings] == ["io.nats.micro.v1.ping_response"]
+    await rig.still_serving()
+    stats = (await collect(rig.nc, f"$SRV.STATS.meshjobs.{info['id']}"))[0]
+    echo = next(e for e in stats["endpoints"] if e["subject"] == f"mesh.cmd.{rig.cap}")
+    assert echo["num_requests"] == 1 and echo["num_errors"] == 0 and echo["processing_time"] > 0
