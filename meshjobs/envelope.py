@@ -23,7 +23,7 @@ import json
 import os
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -55,6 +55,9 @@ FINAL_STATUSES = frozenset({"ok", "error", "invalid", "timeout", "rejected"})
 
 class _Wire(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+W = TypeVar("W", bound=_Wire)
 
 
 def _check_key(value: str) -> str:
@@ -251,6 +254,8 @@ def _parse_body(body: bytes) -> dict[str, Any]:
 
 def _schema_error(exc: ValidationError) -> Rejected:
     first = exc.errors()[0]
+    if first["loc"][:1] == ("capability",):
+        return Rejected(Reason.BAD_CAPABILITY, str(first["msg"]).removeprefix("Value error, "))
     where = ".".join(str(p) for p in first["loc"]) or "body"
     return Rejected(Reason.SCHEMA, f"{REASON_TEXT[Reason.SCHEMA]}: {where}: {first['msg']}")
 
@@ -291,17 +296,19 @@ def seal_envelope(
 
 def open_envelope(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
     """Verify then strictly decode an envelope frame. Time and trust are checked elsewhere."""
-    signer, body = open_frame(ENVELOPE_MAGIC, data, max_bytes)
+    return _open(ENVELOPE_MAGIC, Envelope, "submitter", data, max_bytes)
+
+
+def _open(magic: bytes, model: type[W], signer_field: str, data: bytes, max_bytes: int) -> W:
+    signer, body = open_frame(magic, data, max_bytes)
     obj = _parse_body(body)
     try:
-        envelope = Envelope.model_validate(obj)
+        value = model.model_validate(obj)
     except ValidationError as exc:
-        if any(e["loc"][:1] == ("capability",) for e in exc.errors()):
-            raise Rejected(Reason.BAD_CAPABILITY, str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
         raise _schema_error(exc) from None
-    if envelope.submitter != signer:
+    if getattr(value, signer_field) != signer:
         raise Rejected(Reason.KEY_MISMATCH)
-    return envelope
+    return value
 
 
 def check_window(envelope: Envelope, now: int, skew_ms: int, max_ttl_ms: int) -> None:
@@ -341,15 +348,7 @@ def seal_result(
 
 def open_result(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Result:
     """Verify then strictly decode a result frame."""
-    signer, body = open_frame(RESULT_MAGIC, data, max_bytes)
-    obj = _parse_body(body)
-    try:
-        result = Result.model_validate(obj)
-    except ValidationError as exc:
-        raise _schema_error(exc) from None
-    if result.worker != signer:
-        raise Rejected(Reason.KEY_MISMATCH)
-    return result
+    return _open(RESULT_MAGIC, Result, "worker", data, max_bytes)
 
 
 def result_body(data: bytes) -> dict[str, Any]:
