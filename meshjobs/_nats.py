@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -54,7 +55,16 @@ async def connect(
     """
     urls = [servers] if isinstance(servers, str) else list(servers)
 
+    errors: list[Exception] = []
+    refused = asyncio.Event()
+
     async def error_cb(exc: Exception) -> None:
+        errors.append(exc)
+        del errors[:-3]
+        if "Authorization Violation" in str(exc):
+            if forever and not refused.is_set():
+                log.warning("the server refused this peer's key; retrying until it is admitted")
+            refused.set()
         log.debug("nats: %s: %s", type(exc).__name__, exc)
 
     async def disconnected_cb() -> None:
@@ -82,17 +92,45 @@ async def connect(
         options["reconnected_cb"] = reconnected_cb
     if identity is not None:
         options["nkeys_seed_str"] = identity.seed_text()
+        # A private inbox per peer: closed meshes only let a peer subscribe
+        # to _INBOX.<its key>.>, so nobody else can read its replies.
+        options["inbox_prefix"] = f"_INBOX.{identity.public_key}"
     try:
-        await client.connect(**options)
+        if forever:
+            await client.connect(**options)
+        else:
+            await _connect_or_refused(client, options, refused)
     except (OSError, nats.errors.Error, TimeoutError) as exc:
-        raise ConnectError(f"cannot connect to NATS at {', '.join(urls)}: {_describe(exc)}") from exc
+        raise ConnectError(f"cannot connect to NATS at {', '.join(urls)}: {_describe(exc, errors)}") from exc
     return client
 
 
-def _describe(exc: BaseException) -> str:
+async def _connect_or_refused(client: NATS, options: dict[str, Any], refused: asyncio.Event) -> None:
+    """Connect, but give up at the first authorization refusal.
+
+    Upstream gap (nats-py 2.16): against a cluster, an authorization error
+    makes the initial connect loop over the discovered servers forever,
+    whatever max_reconnect_attempts says. A refused key is final for us.
+    """
+    attempt = asyncio.ensure_future(client.connect(**options))
+    waiter = asyncio.ensure_future(refused.wait())
+    try:
+        await asyncio.wait({attempt, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if attempt.done():
+        attempt.result()
+        return
+    attempt.cancel()
+    await asyncio.gather(attempt, return_exceptions=True)
+    await client.close()
+    raise nats.errors.Error("nats: 'Authorization Violation'")
+
+
+def _describe(exc: BaseException, seen: list[Exception]) -> str:
+    text = " ".join(str(e) for e in [*seen, exc])
+    if "Authorization" in text or "authorization" in text:
+        return "the server refused this peer's key (not admitted; see `meshjobs broker add-peer`)"
     if isinstance(exc, nats.errors.NoServersError):
         return "no server answered (is `meshjobs up` running?)"
-    text = str(exc) or type(exc).__name__
-    if "Authorization" in text:
-        return "the server refused our credentials"
-    return text
+    return str(exc) or type(exc).__name__

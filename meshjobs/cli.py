@@ -351,3 +351,11 @@ def demo(keep_home: bool) -> None:
     from .quickstart import run_demo
 
     run(run_demo(home() if keep_home else None))
+
+
+# Operator command groups live in their own module; registered here so that
+# `meshjobs --help` lists them.
+from .cli_mesh import broker, mesh  # noqa: E402
+
+main.add_command(broker)
+main.add_command(mesh)

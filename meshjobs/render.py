@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .discovery import PeerInfo
+from .mesh import MeshHealth
 
 
 def short_key(key: str) -> str:
@@ -26,4 +28,24 @@ def peers_table(peers: Iterable[PeerInfo], console: Console | None = None) -> No
         table.add_column(column)
     for p in rows:
         table.add_row(short_key(p.peer), p.name, p.kind, p.region or "-", p.community or "-", ", ".join(p.capabilities))
+    console.print(table)
+
+
+def mesh_table(health: MeshHealth, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title_justify="left", title=f"JetStream meta leader: {health.meta_leader or 'none'}")
+    for column in ("server", "role", "region", "status", "routes", "gateways", "leaf links", "clients"):
+        table.add_column(column)
+    for s in health.servers:
+        status = "[green]ok[/]" if s.up and not s.problems else f"[red]{escape('; '.join(s.problems))}[/]"
+        table.add_row(
+            s.name + (" ★" if s.name == health.meta_leader else ""),
+            s.role,
+            s.region,
+            status,
+            ", ".join(s.routes) or "-",
+            ", ".join(s.gateways) or "-",
+            str(s.leafnodes),
+            str(s.connections),
+        )
     console.print(table)

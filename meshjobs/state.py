@@ -1,0 +1,150 @@
+"""Mesh state in JetStream KV buckets of the hub domain, reachable from any node or leaf.
+
+Two nats-py gaps are worked around here, and only here:
+
+- ``create_key_value(placement=...)`` ignores placement, so the bucket's
+  ``KV_<bucket>`` stream is created by us with replicas and placement;
+- KV writes publish on raw ``$KV.<bucket>.<key>``, which never crosses a leaf
+  link; we publish on ``$JS.<domain>.API.$KV.<bucket>.<key>`` instead, as
+  nats.go does. Reads and watches go through the domain and work as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js.api import DiscardPolicy, Placement, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+from .errors import ConnectError, UsageError
+
+DOMAIN = "hub"
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_WRONG_LAST_SEQUENCE = 10071
+
+
+class KeyExists(Exception):
+    """A create or compare-and-set lost: the key is not at the expected revision."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: bytes
+    revision: int
+
+
+class MeshKV:
+    """One KV bucket of mesh state. Writes go through the hub domain, so they work from leaves."""
+
+    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str, domain: str | None) -> None:
+        self._js = js
+        self._kv = kv
+        # Reads through the stream leader instead of any replica ("direct get").
+        self._leader_kv = KeyValue(name=bucket, stream=f"KV_{bucket}", pre=f"$KV.{bucket}.", js=js, direct=False)
+        self._direct_works = True
+        self.bucket = bucket
+        self._write_prefix = f"$JS.{domain}.API.$KV.{bucket}." if domain else f"$KV.{bucket}."
+
+    async def get(self, key: str) -> Entry | None:
+        """The current value, or None when the key does not exist (or was deleted)."""
+        try:
+            if self._direct_works:
+                try:
+                    entry = await self._kv.get(key)
+                except nats.errors.TimeoutError:
+                    # nats-server#4819: a direct get from a leaf attached to a
+                    # region without replicas of the bucket never gets its
+                    # answer. Reads through the leader do; use them from now on.
+                    self._direct_works = False
+                    entry = await self._leader_kv.get(key)
+            else:
+                entry = await self._leader_kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return Entry(key, entry.value or b"", int(entry.revision or 0))
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Write *value*; returns the new revision."""
+        return await self._publish(key, value, None)
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Write only if the key does not exist; raises :class:`KeyExists` otherwise."""
+        return await self._publish(key, value, 0)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        """Compare-and-set: write only if the key is still at revision *last*."""
+        return await self._publish(key, value, last)
+
+    async def _publish(self, key: str, value: bytes, last: int | None) -> int:
+        headers = None if last is None else {"Nats-Expected-Last-Subject-Sequence": str(last)}
+        try:
+            ack = await self._js.publish(self._write_prefix + key, value, headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                raise KeyExists(f"{self.bucket}/{key} is not at revision {last}") from None
+            raise
+        return int(ack.seq)
+
+
+def _stream_config(bucket: str, replicas: int, placement: str | None, history: int) -> StreamConfig:
+    # The same settings nats-py's create_key_value uses, plus placement.
+    return StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        max_msgs_per_subject=history,
+        discard=DiscardPolicy.NEW,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        placement=Placement(cluster=placement) if placement else None,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=True,
+        duplicate_window=120.0,
+    )
+
+
+async def open_bucket(
+    nc: NATS,
+    bucket: str,
+    *,
+    domain: str | None = DOMAIN,
+    replicas: int = 1,
+    placement: str | None = None,
+    history: int = 1,
+    create: bool = True,
+    timeout: float = 10.0,
+) -> MeshKV:
+    """Open (and by default create) a bucket of mesh state in the hub domain.
+
+    JetStream may answer 503 while a cluster elects leaders; that is retried
+    with backoff within *timeout*.
+    """
+    if not _BUCKET_RE.match(bucket):
+        raise UsageError(f"invalid bucket name {bucket!r}")
+    js = nc.jetstream(domain=domain, timeout=min(timeout, 2.0))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.1
+    while True:
+        try:
+            if create:
+                try:
+                    await js.add_stream(_stream_config(bucket, replicas, placement, history))
+                except nats.js.errors.BadRequestError as exc:
+                    # 10058: a stream with this name already exists (maybe with other settings).
+                    if exc.err_code != 10058:
+                        raise
+            kv = await js.key_value(bucket)
+            return MeshKV(js, kv, bucket, domain)
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            if loop.time() + delay > deadline:
+                raise ConnectError(f"JetStream in domain {domain!r} did not answer: {exc}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
