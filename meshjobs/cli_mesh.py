@@ -203,6 +203,5 @@ def mesh_compose(topology_path: Path, out: Path) -> None:
         (brokers / f"{name}.conf").write_text(node_config(topology, name, Path(CONTAINER_DATA)))
     (brokers / "Dockerfile").write_text(DOCKERFILE)
     ensure_credentials(topology, brokers)
-    source = os.path.relpath(topology_path, out) if not topology_path.is_absolute() else str(topology_path)
-    (out / "docker-compose.yml").write_text(render_compose(topology, source))
+    (out / "docker-compose.yml").write_text(render_compose(topology, str(topology_path)))
     click.echo(f"wrote {out / 'docker-compose.yml'} and {brokers}/ ({len(topology.server_names())} servers)")

@@ -33,6 +33,20 @@ def test_committed_brokers_and_compose_are_current() -> None:
     assert (REPO / "docker-compose.yml").read_text() == render_compose(topology, "config/topology.toml")
 
 
+def test_mesh_compose_writes_what_is_committed(tmp_path: Path) -> None:
+    out = meshjobs("mesh", "compose", "--topology", "config/topology.toml", "--out", str(tmp_path),
+                   env=cli_env(tmp_path / "h"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "docker-compose.yml").read_text() == (REPO / "docker-compose.yml").read_text()
+    for conf in (REPO / "brokers").glob("*.conf"):
+        assert (tmp_path / "brokers" / conf.name).read_text() == conf.read_text()
+    assert (tmp_path / "brokers" / "Dockerfile").read_text() == (REPO / "brokers" / "Dockerfile").read_text()
+    assert sorted(p.name for p in (tmp_path / "brokers" / "secrets").iterdir())[:2] == [
+        "credentials.toml",
+        "gateways.conf",
+    ]
+
+
 def test_rendered_configs_are_valid(tmp_path: Path) -> None:
     out = tmp_path / "cfg"
     for name in load_topology(EXAMPLE).server_names():
