@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from dataclasses import dataclass
 
 import nats.errors
@@ -50,6 +51,7 @@ class MeshKV:
         self._leader_kv = KeyValue(name=bucket, stream=f"KV_{bucket}", pre=f"$KV.{bucket}.", js=js, direct=False)
         self._direct_works = True
         self.bucket = bucket
+        self.write_timeout = 30.0
         self._write_prefix = f"$JS.{domain}.API.$KV.{bucket}." if domain else f"$KV.{bucket}."
 
     async def get(self, key: str) -> Entry | None:
@@ -83,14 +85,38 @@ class MeshKV:
         return await self._publish(key, value, last)
 
     async def _publish(self, key: str, value: bytes, last: int | None) -> int:
-        headers = None if last is None else {"Nats-Expected-Last-Subject-Sequence": str(last)}
-        try:
-            ack = await self._js.publish(self._write_prefix + key, value, headers=headers)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == _WRONG_LAST_SEQUENCE:
-                raise KeyExists(f"{self.bucket}/{key} is not at revision {last}") from None
-            raise
-        return int(ack.seq)
+        # Every logical write carries one message id, so a retry after a
+        # timeout whose write was in fact applied is deduplicated by
+        # JetStream (it answers with the first write's ack) instead of
+        # applied twice or failing its own compare-and-set.
+        headers = {"Nats-Msg-Id": uuid.uuid4().hex}
+        if last is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.write_timeout
+        delay = 0.05
+        while True:
+            try:
+                ack = await self._js.publish(self._write_prefix + key, value, headers=headers)
+                return int(ack.seq)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _WRONG_LAST_SEQUENCE:
+                    raise KeyExists(f"{self.bucket}/{key} is not at revision {last}") from None
+                if not isinstance(exc, nats.js.errors.ServiceUnavailableError):
+                    raise
+                problem: Exception = exc
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.js.errors.NoStreamResponseError,
+            ) as exc:
+                problem = exc
+            # 503 while a leader is elected, or no answer: retry with backoff
+            # (nats-py does not), within the write timeout.
+            if loop.time() + delay > deadline:
+                raise ConnectError(f"write to {self.bucket}/{key} not acknowledged: {problem}") from problem
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def _stream_config(bucket: str, replicas: int, placement: str | None, history: int) -> StreamConfig:
