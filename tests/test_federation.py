@@ -242,3 +242,60 @@ async def test_killing_a_hub_node_loses_no_acknowledged_write(fed: Fed) -> None:
         if victim is not None and victim.process is None:
             victim.start()
             fed.mesh.wait_healthy(60)
+
+
+async def test_a_community_leaf_credential_carries_only_its_own_peers_subjects(fed: Fed) -> None:
+    """Even a leaf run by a hostile community operator (its own config, anyone may connect to it,
+    the community's real leaf credential) receives nothing addressed to another community's peers."""
+    from meshjobs.broker import NatsServer
+    from meshjobs.natsconf import Include, render
+
+    region = next(r for r in fed.topology.region if r.name == "eu")
+    seed_file = fed.mesh.state_dir / "secrets" / "leaf-lab.conf"
+    rogue_dir = fed.root / "rogue"
+    rogue_dir.mkdir(exist_ok=True)
+    (rogue_dir / "seed.conf").write_text(seed_file.read_text())
+    config = {
+        "server_name": "rogue",
+        "listen": "127.0.0.1:-1",
+        "leafnodes": {
+            "remotes": [
+                {
+                    "urls": [f"nats-leaf://127.0.0.1:{n.leaf_port}" for n in region.nodes],
+                    "seed": Include("seed.conf"),
+                }
+            ]
+        },
+    }
+    rogue = NatsServer(render(config), rogue_dir, name="rogue").start()
+    lab_key = fed.ids["lab-worker"].public_key
+    garage_key = fed.ids["garage-worker"].public_key
+    spy = await nats.connect(rogue.url)  # the rogue leaf lets anyone in
+    hub = await connect(fed.url("eu-3"), fed.ids["op"])
+    try:
+        got: dict[str, list[bytes]] = {"own": [], "foreign": []}
+
+        async def own(msg: nats.aio.msg.Msg) -> None:
+            got["own"].append(msg.data)
+
+        async def foreign(msg: nats.aio.msg.Msg) -> None:
+            got["foreign"].append(msg.data)
+
+        await spy.subscribe(f"mesh.peer.{lab_key}.cmd.x", cb=own)
+        await spy.subscribe(f"mesh.peer.{garage_key}.cmd.x", cb=foreign)
+        await spy.subscribe(f"_INBOX.{garage_key}.>", cb=foreign)
+        await spy.flush()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not got["own"] and loop.time() < deadline:  # until the leaf link carries interest
+            await hub.publish(f"mesh.peer.{lab_key}.cmd.x", b"for lab")
+            await hub.publish(f"mesh.peer.{garage_key}.cmd.x", b"for garage")
+            await hub.publish(f"_INBOX.{garage_key}.reply", b"for garage")
+            await hub.flush()
+            await asyncio.sleep(0.2)
+        assert got["own"], "the rogue leaf never connected (positive control)"
+        assert got["foreign"] == []
+    finally:
+        await spy.close()
+        await hub.close()
+        rogue.stop()
