@@ -245,104 +245,6 @@ def worker(
     run(Worker(app, identity, policy, config).serve(servers(server)))
 
 
-# -- submitting ------------------------------------------------------------------
-
-
-@main.command()
-@click.argument("capability")
-@click.argument("json_args", required=False)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    help="Seconds to wait for the result, retries included.",
-)
-@click.option("--peer", help="Send to this peer only (its public key).")
-@click.option("--job-id", help="Job id to use (retries with the same id never run twice on a peer).")
-@click.option(
-    "--peer-wait",
-    type=click.FloatRange(min=0),
-    default=2.0,
-    show_default=True,
-    help="Seconds to keep trying while no peer offers the capability.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the full signed record as JSON.")
-@server_option
-@click.pass_context
-@guarded
-def submit(
-    ctx: click.Context,
-    capability: str,
-    json_args: str | None,
-    timeout: float,
-    peer: str | None,
-    job_id: str | None,
-    peer_wait: float,
-    as_json: bool,
-    server: str,
-) -> None:
-    """Sign a command, send it, wait, verify the signed result and print its value.
-
-    \b
-    Exit codes: 0 done; 1 the handler failed; 2 usage or bad input;
-    3 no capable peer (or no broker); 4 timed out; 5 rejected.
-    """
-    from .client import Client, parse_args
-    from .subjects import check_capability
-
-    ctx.meta["json"] = as_json
-    check_capability(capability)
-    args = parse_args(json_args)
-    identity = identity_for_use()
-
-    async def go() -> None:
-        async with await Client.connect(servers(server), identity) as client:
-            outcome = await client.submit(
-                capability, args, timeout=timeout, peer=peer, job_id=job_id, peer_wait=peer_wait
-            )
-        if as_json:
-            click.echo(json.dumps(outcome.record(), indent=2))
-        else:
-            click.echo(json.dumps(outcome.value, ensure_ascii=False))
-
-    run(go())
-
-
-@main.command()
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="Seconds to collect answers.",
-)
-@click.option("--capability", help="Only peers offering this capability.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@server_option
-@guarded
-def peers(timeout: float, capability: str | None, as_json: bool, server: str) -> None:
-    """Who offers what, from discovery ($SRV.INFO)."""
-    from ._nats import connect
-    from .discovery import discover
-    from .render import peers_table
-
-    identity = identity_for_use()
-
-    async def go() -> None:
-        nc = await connect(servers(server), identity, name="meshjobs-peers")
-        try:
-            found = await discover(nc, timeout=timeout, capability=capability)
-        finally:
-            await nc.close()
-        if as_json:
-            click.echo(json.dumps([p.as_dict() for p in found], indent=2))
-        else:
-            peers_table(found)
-
-    run(go())
-
-
 @main.command()
 @click.option("--keep-home", is_flag=True, help="Use MESHJOBS_HOME instead of a throwaway identity.")
 @guarded
@@ -355,7 +257,8 @@ def demo(keep_home: bool) -> None:
 
 # Operator command groups live in their own module; registered here so that
 # `meshjobs --help` lists them.
+from .cli_jobs import peers, quarantine, release, reputation, submit  # noqa: E402
 from .cli_mesh import broker, mesh  # noqa: E402
 
-main.add_command(broker)
-main.add_command(mesh)
+for command in (submit, peers, reputation, quarantine, release, broker, mesh):
+    main.add_command(command)

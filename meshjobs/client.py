@@ -161,8 +161,13 @@ class Client:
         peer: str | None = None,
         job_id: str | None = None,
         peer_wait: float = DEFAULT_PEER_WAIT,
+        valid_for: float | None = None,
     ) -> Outcome:
         """Run *capability* once on a peer and return its verified result.
+
+        *timeout* bounds this call; *valid_for* (default: *timeout*) is how
+        long the signed envelope stays valid, which a router sets to its own
+        deadline so that the same job can still go to another peer.
 
         Raises :class:`HandlerError` (the handler failed), :class:`UsageError`
         (bad arguments), :class:`NoPeerError` (nobody answered for
@@ -180,7 +185,7 @@ class Client:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + timeout
-        expires_at = now_ms() + int(timeout * 1000)
+        expires_at = now_ms() + int(max(valid_for or timeout, timeout) * 1000)
         attempts = 0
         unanswered_since: float | None = None
         backoff = 0.02

@@ -180,6 +180,7 @@ class PeerInfo:
     instance: str
     version: str
     capabilities: tuple[str, ...]
+    deterministic: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -191,6 +192,7 @@ class PeerInfo:
             "instance": self.instance,
             "version": self.version,
             "capabilities": list(self.capabilities),
+            "deterministic": list(self.deterministic),
         }
 
 
@@ -201,13 +203,13 @@ def _as_peer(info: dict[str, Any]) -> PeerInfo | None:
     endpoints = info.get("endpoints") or []
     if not isinstance(meta, dict) or not isinstance(endpoints, list):
         return None
-    caps = sorted(
-        {
-            str(e["metadata"]["capability"])
-            for e in endpoints
-            if isinstance(e, dict) and isinstance(e.get("metadata"), dict) and "capability" in e["metadata"]
-        }
-    )
+    metas = [
+        e["metadata"]
+        for e in endpoints
+        if isinstance(e, dict) and isinstance(e.get("metadata"), dict) and "capability" in e["metadata"]
+    ]
+    caps = sorted({str(m["capability"]) for m in metas})
+    deterministic = sorted({str(m["capability"]) for m in metas if m.get("deterministic") == "true"})
     return PeerInfo(
         peer=str(meta.get("peer", "")),
         name=str(meta.get("name", "")),
@@ -217,6 +219,7 @@ def _as_peer(info: dict[str, Any]) -> PeerInfo | None:
         instance=str(info.get("id", "")),
         version=str(info.get("version", "")),
         capabilities=tuple(caps),
+        deterministic=tuple(deterministic),
     )
 
 

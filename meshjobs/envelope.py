@@ -34,9 +34,15 @@ from .subjects import capability_problem
 VERSION = 1
 ENVELOPE_MAGIC = b"MJ1E"
 RESULT_MAGIC = b"MJ1R"
+EVIDENCE_MAGIC = b"MJ1V"
+QUARANTINE_MAGIC = b"MJ1Q"
+#: One domain-separation prefix per kind of signed statement: a signature
+#: made for one kind can never be passed off as another.
 DOMAIN = {
     ENVELOPE_MAGIC: b"meshjobs/1 envelope\x00",
     RESULT_MAGIC: b"meshjobs/1 result\x00",
+    EVIDENCE_MAGIC: b"meshjobs/1 evidence\x00",
+    QUARANTINE_MAGIC: b"meshjobs/1 quarantine\x00",
 }
 _KEY_LEN = 56
 _SIG_LEN = 86
@@ -53,11 +59,13 @@ Status = Literal["ok", "error", "invalid", "timeout", "rejected", "running"]
 FINAL_STATUSES = frozenset({"ok", "error", "invalid", "timeout", "rejected"})
 
 
-class _Wire(BaseModel):
+class Wire(BaseModel):
+    """Base of every signed wire model: frozen, strict, unknown fields refused."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
-W = TypeVar("W", bound=_Wire)
+W = TypeVar("W", bound=Wire)
 
 
 def _check_key(value: str) -> str:
@@ -66,7 +74,7 @@ def _check_key(value: str) -> str:
     return value
 
 
-class Envelope(_Wire):
+class Envelope(Wire):
     """A signed request to run one capability once."""
 
     version: Literal[1]
@@ -90,12 +98,12 @@ class Envelope(_Wire):
         return value
 
 
-class ErrorInfo(_Wire):
+class ErrorInfo(Wire):
     code: str = Field(max_length=64)
     message: str = Field(max_length=4096)
 
 
-class Result(_Wire):
+class Result(Wire):
     """A worker's signed answer, bound to the job id and the request's digest."""
 
     version: Literal[1]
@@ -297,6 +305,16 @@ def seal_envelope(
 def open_envelope(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
     """Verify then strictly decode an envelope frame. Time and trust are checked elsewhere."""
     return _open(ENVELOPE_MAGIC, Envelope, "submitter", data, max_bytes)
+
+
+def seal_statement(magic: bytes, identity: Identity, model: Wire) -> bytes:
+    """Sign any wire model as a frame of kind *magic* (evidence, quarantine orders)."""
+    return _seal(magic, identity, _dumps(model.model_dump(mode="json")))
+
+
+def open_statement(magic: bytes, model: type[W], signer_field: str, data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> W:
+    """Verify then strictly decode a frame of kind *magic* signed by the key in *signer_field*."""
+    return _open(magic, model, signer_field, data, max_bytes)
 
 
 def _open(magic: bytes, model: type[W], signer_field: str, data: bytes, max_bytes: int) -> W:

@@ -49,6 +49,9 @@ class Reason(enum.StrEnum):
     OVERLOADED = "overloaded"
     SHUTTING_DOWN = "shutting_down"
     RESULT_MISMATCH = "result_mismatch"
+    DENIED = "denied"
+    QUARANTINED = "quarantined"
+    NO_QUORUM = "no_quorum"
 
 
 #: Rejections a client may answer by trying again with the same job id.
@@ -73,6 +76,9 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.OVERLOADED: "the worker is overloaded",
     Reason.SHUTTING_DOWN: "the worker is shutting down",
     Reason.RESULT_MISMATCH: "the result is not bound to the request that was sent",
+    Reason.DENIED: "the submitter may not run this capability on this worker",
+    Reason.QUARANTINED: "the peer is quarantined",
+    Reason.NO_QUORUM: "not enough peers agreed on the result",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -17,17 +18,26 @@ def short_key(key: str) -> str:
     return key[:12] + "…" if len(key) > 12 else key
 
 
-def peers_table(peers: Iterable[PeerInfo], console: Console | None = None) -> None:
+def peers_table(peers: Iterable[PeerInfo | dict[str, Any]], console: Console | None = None) -> None:
+    """One row per worker process; reputation columns when the rows carry them."""
     console = console or Console()
-    rows = list(peers)
+    rows = [p.as_dict() if isinstance(p, PeerInfo) else p for p in peers]
     if not rows:
         console.print("no peers answered discovery")
         return
+    scored = any("score" in r for r in rows)
     table = Table(title=f"{len(rows)} worker process(es)", title_justify="left")
-    for column in ("peer", "name", "kind", "region", "community", "capabilities"):
-        table.add_column(column)
-    for p in rows:
-        table.add_row(short_key(p.peer), p.name, p.kind, p.region or "-", p.community or "-", ", ".join(p.capabilities))
+    columns = (
+        ["peer", "name", "kind", "region", "community"] + (["score", "state"] if scored else []) + ["capabilities"]
+    )
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        cells = [short_key(r["peer"]), r["name"], r["kind"], r["region"] or "-", r["community"] or "-"]
+        if scored:
+            state = "quarantined" if r.get("quarantined") else "auto-quarantined" if r.get("auto_quarantined") else "ok"
+            cells += [f"{r['score']:.2f}", state]
+        table.add_row(*cells, ", ".join(r["capabilities"]))
     console.print(table)
 
 

@@ -12,8 +12,10 @@ Two nats-py gaps are worked around here, and only here:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -119,7 +121,7 @@ class MeshKV:
             delay = min(delay * 2, 1.0)
 
 
-def _stream_config(bucket: str, replicas: int, placement: str | None, history: int) -> StreamConfig:
+def _kv_config(bucket: str, replicas: int, placement: str | None, history: int) -> StreamConfig:
     # The same settings nats-py's create_key_value uses, plus placement.
     return StreamConfig(
         name=f"KV_{bucket}",
@@ -136,12 +138,50 @@ def _stream_config(bucket: str, replicas: int, placement: str | None, history: i
     )
 
 
+#: JetStream answers these when more replicas are asked for than it has servers.
+_TOO_FEW_SERVERS = {10074, 10023, 10005}
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, timeout: float = 10.0) -> None:
+    """Create *config*'s stream if missing; retry 503 with backoff within *timeout*.
+
+    ``num_replicas=None`` means three replicas where the cluster has the
+    servers for it, one on a single server such as ``meshjobs up``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.1
+    replicas = [config.num_replicas] if config.num_replicas else [3, 1]
+    while True:
+        try:
+            for count in replicas:
+                try:
+                    await js.add_stream(dataclasses.replace(config, num_replicas=count))
+                    return
+                except nats.js.errors.BadRequestError as exc:
+                    if exc.err_code == 10058:  # exists already (perhaps with other settings)
+                        return
+                    if exc.err_code in _TOO_FEW_SERVERS and count != replicas[-1]:
+                        continue
+                    raise
+                except nats.js.errors.ServerError as exc:
+                    if exc.err_code in _TOO_FEW_SERVERS and count != replicas[-1]:
+                        continue
+                    raise
+            return
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            if loop.time() + delay > deadline:
+                raise ConnectError(f"JetStream did not answer: {exc}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
 async def open_bucket(
     nc: NATS,
     bucket: str,
     *,
     domain: str | None = DOMAIN,
-    replicas: int = 1,
+    replicas: int | None = 1,
     placement: str | None = None,
     history: int = 1,
     create: bool = True,
@@ -149,24 +189,21 @@ async def open_bucket(
 ) -> MeshKV:
     """Open (and by default create) a bucket of mesh state in the hub domain.
 
-    JetStream may answer 503 while a cluster elects leaders; that is retried
-    with backoff within *timeout*.
+    ``replicas=None`` picks three where the cluster allows, else one. JetStream
+    may answer 503 while a cluster elects leaders; that is retried with
+    backoff within *timeout*.
     """
     if not _BUCKET_RE.match(bucket):
         raise UsageError(f"invalid bucket name {bucket!r}")
     js = nc.jetstream(domain=domain, timeout=min(timeout, 2.0))
+    if create:
+        config = _kv_config(bucket, replicas or 0, placement, history)
+        await ensure_stream(js, dataclasses.replace(config, num_replicas=replicas), timeout=timeout)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     delay = 0.1
     while True:
         try:
-            if create:
-                try:
-                    await js.add_stream(_stream_config(bucket, replicas, placement, history))
-                except nats.js.errors.BadRequestError as exc:
-                    # 10058: a stream with this name already exists (maybe with other settings).
-                    if exc.err_code != 10058:
-                        raise
             kv = await js.key_value(bucket)
             return MeshKV(js, kv, bucket, domain)
         except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
@@ -174,3 +211,24 @@ async def open_bucket(
                 raise ConnectError(f"JetStream in domain {domain!r} did not answer: {exc}") from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+async def watch_bucket(kv: MeshKV, on_entry: Callable[[Entry], None], ready: asyncio.Event) -> None:
+    """Feed every current and future entry of *kv* to *on_entry*; set *ready* once caught up.
+
+    Runs until cancelled. A broken watch (for example across a leader change)
+    is restarted.
+    """
+    while True:
+        watcher = await kv._kv.watchall()  # noqa: SLF001 - our own wrapper's KeyValue
+        try:
+            async for update in watcher:
+                if update is None:  # marks the end of the current values
+                    ready.set()
+                    continue
+                on_entry(Entry(update.key, update.value or b"", int(update.revision or 0)))
+            ready.set()
+        except (TimeoutError, nats.errors.Error):
+            await asyncio.sleep(0.5)
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]

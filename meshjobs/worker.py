@@ -36,10 +36,11 @@ from ._version import __version__
 from .app import App, Capability, InvalidArguments, JobContext
 from .discovery import Endpoint, ServiceResponder
 from .envelope import MAX_FRAME_BYTES, Envelope, check_window, digest, now_ms, open_envelope, seal_result
-from .errors import Reason, Rejected
+from .errors import MeshError, Reason, Rejected
 from .identity import Identity
 from .ledger import JobEntry, JobTable, ReplayGuard
 from .policy import TrustPolicy
+from .quarantine import QuarantineBoard
 from .subjects import PEER_QUEUE, peer_subject, queue_subject
 
 log = logging.getLogger("meshjobs.worker")
@@ -104,6 +105,7 @@ class Worker:
         self._heartbeat: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._draining = False
+        self.board: QuarantineBoard | None = None
         self.responder = ServiceResponder(
             self.instance_id,
             __version__,
@@ -146,6 +148,10 @@ class Worker:
                 self._subs.append(sub)
         await self.responder.start(nc)
         await nc.flush()
+        try:
+            self.board = await QuarantineBoard.open(nc, self.policy.operators)
+        except (MeshError, nats.errors.Error, TimeoutError) as exc:
+            log.warning("quarantine orders unavailable (no JetStream?): %s", exc)
         self._heartbeat = asyncio.create_task(self._heartbeats())
         log.info(
             "worker %s (%s, %s) serving %s",
@@ -197,6 +203,8 @@ class Worker:
                 await asyncio.wait(pending)
         if self._heartbeat:
             self._heartbeat.cancel()
+        if self.board is not None:
+            await self.board.close()
         if self._nc and self._nc.is_connected:
             try:
                 await self._nc.flush(timeout=5)
@@ -221,6 +229,8 @@ class Worker:
         if envelope.capability not in self.app.capabilities:
             raise Rejected(Reason.UNKNOWN_CAPABILITY)
         self.policy.check(envelope.submitter, envelope.capability)
+        if self.board is not None:
+            self.board.check(envelope.submitter)
         now = now_ms()
         skew = int(self.config.clock_skew * 1000)
         check_window(envelope, now, skew, int(self.config.max_validity * 1000))

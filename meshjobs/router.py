@@ -1,0 +1,291 @@
+"""Trust-routed execution: pick the most trusted capable peer, fall back, verify by redundancy.
+
+Candidates come from discovery; they are filtered by the caller's constraints
+(minimum trust, region, kind, one peer) and never include a quarantined peer
+(by operator order or by its reputation), then ranked by score and by
+latency, with ties shuffled so equal peers share the load. The job goes to the
+chosen peer's direct subject; a failure, a timeout or a refusal moves it to
+the next candidate within the deadline, with the same job id so no peer runs
+it twice. Every outcome is reported as signed evidence and moves the peer's
+reputation.
+
+With ``replicas`` > 1 the job runs on that many distinct peers at once; their
+signed results are compared by digest, the agreeing result is returned when
+at least ``quorum`` peers agree, and the dissenters get ``disputed`` evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .client import Client, Outcome
+from .discovery import PeerInfo
+from .envelope import new_job_id
+from .errors import HandlerError, JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
+from .quarantine import QuarantineBoard
+from .reputation import Kind, Record, ReputationBook
+
+DISCOVERY_TTL = 2.0
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What a submitter demands of the peer that runs its job."""
+
+    min_trust: float | None = None
+    region: str | None = None
+    kind: str | None = None
+    peer: str | None = None
+
+    def admits(self, info: PeerInfo, record: Record) -> str | None:
+        """Why *info* does not qualify, or None when it does."""
+        if self.peer and info.peer != self.peer:
+            return "not the requested peer"
+        if self.region and info.region != self.region:
+            return f"region {info.region or '-'} is not {self.region}"
+        if self.kind and info.kind != self.kind:
+            return f"kind {info.kind} is not {self.kind}"
+        if self.min_trust is not None and record.score() < self.min_trust:
+            return f"score {record.score():.2f} is below {self.min_trust:g}"
+        return None
+
+
+@dataclass
+class Attempt:
+    """One step of a routed job, for ``--trace``."""
+
+    peer: str
+    outcome: str
+    detail: str = ""
+    ms: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"peer": self.peer, "outcome": self.outcome, "detail": self.detail, "ms": round(self.ms, 3)}
+
+
+@dataclass
+class Candidate:
+    info: PeerInfo
+    record: Record
+
+    @property
+    def peer(self) -> str:
+        return self.info.peer
+
+
+@dataclass
+class RoutedOutcome:
+    outcome: Outcome
+    trace: list[Attempt] = field(default_factory=list)
+    agreeing: list[str] = field(default_factory=list)
+    dissenting: list[str] = field(default_factory=list)
+
+
+def result_digest(outcome: Outcome) -> str:
+    """What redundant results are compared by: status and canonical value."""
+    canonical = json.dumps([outcome.result.status, outcome.result.value], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Router:
+    """Routes jobs for one client; reports what every peer did."""
+
+    def __init__(self, client: Client, book: ReputationBook, board: QuarantineBoard) -> None:
+        self.client = client
+        self.book = book
+        self.board = board
+        self._discovered: tuple[float, list[PeerInfo]] = (0.0, [])
+        self._reports: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    async def open(cls, client: Client, operators: frozenset[str]) -> Router:
+        book = await ReputationBook.open(client.nc, client.identity)
+        board = await QuarantineBoard.open(client.nc, operators)
+        return cls(client, book, board)
+
+    async def flush(self) -> None:
+        """Wait until every outcome reported so far is stored as evidence and in the record."""
+        while self._reports:
+            await asyncio.gather(*list(self._reports), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Wait for evidence still being written, stop watching quarantine orders."""
+        await self.flush()
+        await self.board.close()
+
+    async def _peers(self) -> list[PeerInfo]:
+        at, peers = self._discovered
+        if time.monotonic() - at > DISCOVERY_TTL or not peers:
+            peers = await self.client.peers(timeout=0.5)
+            self._discovered = (time.monotonic(), peers)
+        return peers
+
+    async def candidates(
+        self, capability: str, constraints: Constraints, *, deterministic: bool = False
+    ) -> list[Candidate]:
+        """Qualified peers for *capability*, best first."""
+        infos: dict[str, PeerInfo] = {}
+        for info in await self._peers():
+            if capability in info.capabilities and info.peer:
+                infos.setdefault(info.peer, info)
+        records = await self.book.records(list(infos))
+        found = []
+        for peer, info in infos.items():
+            record = records[peer]
+            if self.board.is_quarantined(peer) or record.auto_quarantined():
+                continue
+            if deterministic and capability not in info.deterministic:
+                continue
+            if constraints.admits(info, record) is None:
+                found.append(Candidate(info, record))
+        random.shuffle(found)
+        found.sort(key=lambda c: (-round(c.record.score(), 1), c.record.latency_ms or 0.0))
+        return found
+
+    def report(self, kind: Kind, peer: str, outcome: Outcome | None, job_id: str, capability: str, **kw: Any) -> None:
+        """Record evidence in the background; :meth:`close` waits for it."""
+        task = asyncio.create_task(
+            self.book.report(
+                kind,
+                peer,
+                job_id=job_id,
+                capability=capability,
+                result=outcome.frame if outcome else None,
+                latency_ms=outcome.elapsed * 1000 if outcome else None,
+                **kw,
+            )
+        )
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _try(
+        self, peer: str, capability: str, args: dict[str, Any], job_id: str, budget: float, valid: float
+    ) -> tuple[str, Outcome | None, MeshError | None]:
+        """One candidate: (evidence kind or "" for none, outcome, error)."""
+        try:
+            outcome = await self.client.submit(
+                capability, args, peer=peer, job_id=job_id, timeout=budget, valid_for=valid, peer_wait=0.3
+            )
+        except HandlerError as exc:
+            return "failure", exc.result, exc
+        except JobTimeout as exc:
+            return "timeout", None, exc
+        except Rejected as exc:
+            # A result that failed verification is the peer's doing; a refusal
+            # by the peer (trust, policy, quarantine, overload) is not.
+            own = exc.code in (Reason.BAD_SIGNATURE, Reason.RESULT_MISMATCH, Reason.KEY_MISMATCH)
+            return ("rejected" if own else ""), exc.result, exc
+        except NoPeerError as exc:
+            return "", None, exc
+        if self.board.is_quarantined(outcome.worker):
+            return "", None, Rejected(Reason.QUARANTINED, f"{peer[:12]}… was quarantined while it ran the job")
+        return "success", outcome, None
+
+    async def submit(
+        self,
+        capability: str,
+        args: dict[str, Any] | None = None,
+        *,
+        constraints: Constraints = Constraints(),  # noqa: B008 - frozen, shared safely
+        timeout: float = 30.0,
+        job_id: str | None = None,
+    ) -> RoutedOutcome:
+        """Run on the best qualified peer; fall back to the next ones within *timeout*."""
+        args = args or {}
+        job_id = job_id or new_job_id()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        candidates = await self.candidates(capability, constraints)
+        if not candidates:
+            raise NoPeerError(f"no capable peer: nobody offering {capability!r} meets the constraints")
+        trace: list[Attempt] = []
+        last: MeshError | None = None
+        for index, candidate in enumerate(candidates):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            # Leave time for at least two more candidates after a hung one.
+            budget = left if index == len(candidates) - 1 else max(min(left, timeout / 3), min(left, 1.0))
+            started = time.perf_counter()
+            kind, outcome, error = await self._try(candidate.peer, capability, args, job_id, budget, left)
+            trace.append(
+                Attempt(candidate.peer, kind or "skipped", str(error or ""), (time.perf_counter() - started) * 1000)
+            )
+            if kind:
+                self.report(kind, candidate.peer, outcome, job_id, capability, detail=str(error or ""))  # type: ignore[arg-type]
+            if error is None and outcome is not None:
+                return RoutedOutcome(outcome, trace, [candidate.peer])
+            if isinstance(error, UsageError):
+                raise error
+            last = error
+        if isinstance(last, MeshError):
+            last.trace = trace  # type: ignore[attr-defined]
+            raise last
+        raise JobTimeout(f"{capability}: no result within {timeout:g} s")
+
+    async def submit_redundant(
+        self,
+        capability: str,
+        args: dict[str, Any] | None = None,
+        *,
+        replicas: int,
+        quorum: int,
+        constraints: Constraints = Constraints(),  # noqa: B008 - frozen, shared safely
+        timeout: float = 30.0,
+        job_id: str | None = None,
+    ) -> RoutedOutcome:
+        """Run on *replicas* distinct peers; return the result at least *quorum* of them agree on."""
+        if not 1 <= quorum <= replicas:
+            raise UsageError("quorum must be between 1 and the number of replicas")
+        args = args or {}
+        job_id = job_id or new_job_id()
+        candidates = await self.candidates(capability, constraints, deterministic=True)
+        if len(candidates) < quorum:
+            raise NoPeerError(
+                f"no capable peer: {len(candidates)} peer(s) offer {capability!r} as deterministic and qualify; "
+                f"a quorum needs {quorum}"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = list(candidates)
+        votes: dict[str, list[tuple[str, Outcome]]] = defaultdict(list)
+        trace: list[Attempt] = []
+
+        async def run(candidate: Candidate) -> None:
+            started = time.perf_counter()
+            left = max(deadline - loop.time(), 0.001)
+            kind, outcome, error = await self._try(candidate.peer, capability, args, job_id, left, left)
+            trace.append(
+                Attempt(candidate.peer, kind or "skipped", str(error or ""), (time.perf_counter() - started) * 1000)
+            )
+            if kind and kind != "success":
+                self.report(kind, candidate.peer, outcome, job_id, capability, detail=str(error or ""))  # type: ignore[arg-type]
+            if outcome is not None and kind == "success":
+                votes[result_digest(outcome)].append((candidate.peer, outcome))
+
+        batch = [pending.pop(0) for _ in range(min(replicas, len(pending)))]
+        while batch:
+            await asyncio.gather(*(run(c) for c in batch))
+            best = max(votes.values(), key=len, default=[])
+            missing = quorum - len(best)
+            if missing <= 0 or not pending or loop.time() >= deadline:
+                break
+            # Some peers failed or disagreed: ask as many more as a quorum still needs.
+            batch = [pending.pop(0) for _ in range(min(missing, len(pending)))]
+        best = max(votes.values(), key=len, default=[])
+        if len(best) < quorum:
+            raise Rejected(Reason.NO_QUORUM, f"{len(best)} of the peers agreed; a quorum needs {quorum}")
+        winners = {peer for peer, _ in best}
+        dissenters = [(peer, o) for group in votes.values() for peer, o in group if peer not in winners]
+        for peer, outcome in best:
+            self.report("success", peer, outcome, job_id, capability)
+        for peer, outcome in dissenters:
+            self.report("disputed", peer, outcome, job_id, capability, detail=f"outvoted by {len(best)} agreeing peers")
+        return RoutedOutcome(best[0][1], trace, sorted(winners), sorted(p for p, _ in dissenters))

@@ -1,0 +1,39 @@
+"""Worker apps for the trust tests: an honest, a dishonest and a flaky peer of one capability.
+
+Run with ``meshjobs worker tests.apps:honest`` (or ``dishonest``, ``flaky``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from meshjobs import App
+
+honest = App("honest")
+dishonest = App("dishonest")
+flaky = App("flaky")
+
+
+@honest.capability("math.square", deterministic=True)
+async def square(x: int) -> int:
+    return x * x
+
+
+@dishonest.capability("math.square", deterministic=True)
+async def wrong_square(x: int) -> int:
+    return x * x + 1  # a cheater: plausible, signed, wrong
+
+
+_jobs = itertools.count()
+
+
+@flaky.capability("math.square", deterministic=True, timeout=120)
+async def flaky_square(x: int) -> int:
+    """Job 0 succeeds, job 1 fails, job 2 hangs, and so on."""
+    n = next(_jobs) % 3
+    if n == 1:
+        raise RuntimeError("flaky: this one fails")
+    if n == 2:
+        await asyncio.sleep(60)
+    return x * x
