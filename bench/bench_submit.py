@@ -29,8 +29,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import REPO, Child, Sample, drive_async, drive_threads, peak_rss_mib, python, start_redis  # noqa: E402
 from meshjobs.broker import embedded, find_nats_server  # noqa: E402
 
-FULL = {"raw": (5000, 40000), "meshjobs": (3000, 20000), "celery": (1000, 4000)}
-QUICK = {"raw": (200, 1000), "meshjobs": (200, 1000), "celery": (100, 300)}
+FULL = {
+    "raw": (5000, 40000),
+    "meshjobs": (3000, 20000),
+    "routed": (2000, 10000),
+    "replicas3": (1000, 5000),
+    "celery": (1000, 4000),
+}
+QUICK = {
+    "raw": (200, 1000),
+    "meshjobs": (200, 1000),
+    "routed": (100, 500),
+    "replicas3": (50, 300),
+    "celery": (100, 300),
+}
 
 
 async def bench_raw(url: str, work: Path, counts: tuple[int, int], levels: list[int]) -> list[Sample]:
@@ -71,6 +83,55 @@ async def bench_meshjobs(url: str, work: Path, counts: tuple[int, int], levels: 
         return samples
     finally:
         worker.stop()
+
+
+async def bench_routed(url: str, work: Path, counts: dict[str, tuple[int, int]], levels: list[int]) -> list[Sample]:
+    """Routed rows: trust filter plus direct send (one worker), and --replicas 3 (three workers)."""
+    from meshjobs import Client
+    from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
+    from meshjobs.router import Constraints, Router
+
+    submitter = Identity.generate()
+    workers = []
+    for n in range(3):
+        home = work / f"routed-{n}"
+        save_identity(Identity.generate(), home / IDENTITY_FILE)
+        (home / "trust.toml").write_text(f'[[peer]]\nkey = "{submitter.public_key}"\n')
+        env = {**os.environ, "MESHJOBS_HOME": str(home), "MESHJOBS_SERVER": url}
+        workers.append(Child([python(), "-m", "meshjobs", "worker", "workers.demo:app"], work / f"routed-{n}.log", env))
+    try:
+        for worker in workers:
+            worker.wait_for("serving")
+        async with await Client.connect(url, submitter) as client:
+            router = await Router.open(client, frozenset())
+            while len(await router.candidates("demo.noop", Constraints())) < 3:
+                router._discovered = (0.0, [])
+            trusted = Constraints(min_trust=0.1)
+            samples = []
+            only = (await router.candidates("demo.noop", Constraints()))[0].peer
+            one = Constraints(min_trust=0.1, peer=only)
+            for level, count in zip(levels, counts["routed"], strict=True):
+                sample = await drive_async(
+                    "meshjobs routed", lambda: router.submit("demo.noop", {}, constraints=one), count, level
+                )
+                await router.flush()
+                samples.append(sample)
+            for level, count in zip(levels, counts["replicas3"], strict=True):
+                sample = await drive_async(
+                    "meshjobs x3 quorum 2",
+                    lambda: router.submit_redundant("demo.noop", {}, replicas=3, quorum=2, constraints=trusted),
+                    count,
+                    level,
+                )
+                await router.flush()
+                samples.append(sample)
+            for sample in samples:
+                sample.worker_rss_mib = max(peak_rss_mib(w.proc.pid) for w in workers)
+            await router.close()
+        return samples
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 def bench_celery(work: Path, counts: tuple[int, int], levels: list[int]) -> list[Sample]:
@@ -117,6 +178,14 @@ def ratios(samples: list[Sample]) -> dict[str, Any]:
             )
         if cel and mesh:
             out[f"meshjobs/celery throughput @{level}"] = round(mesh.throughput / cel.throughput, 2)
+        for name in ("meshjobs routed", "meshjobs x3 quorum 2"):
+            row = by.get((name, level))
+            if row and mesh:
+                out[f"{name}/queue throughput @{level}"] = round(row.throughput / mesh.throughput, 3)
+                out[f"{name}/queue p50 @{level}"] = round(
+                    row.as_dict()["p50_ms"] / mesh.as_dict()["p50_ms"],
+                    3,  # type: ignore[operator]
+                )
     return out
 
 
@@ -127,11 +196,11 @@ def table(samples: list[Sample], summary: dict[str, Any]) -> str:
     for s in samples:
         d = s.as_dict()
         lines.append(
-            f"{s.system:<14}{s.in_flight:>10}{s.requests:>10}{d['throughput_per_s']:>10.0f}"
+            f"{s.system:<22}{s.in_flight:>10}{s.requests:>10}{d['throughput_per_s']:>10.0f}"
             f"{d['p50_ms']:>9.3f}{d['p99_ms']:>9.3f}{d['worker_peak_rss_mib']:>12.1f}"
         )
     lines.append("")
-    lines += [f"{k:<36}{v:>8}" for k, v in summary.items()]
+    lines += [f"{k:<46}{v:>8}" for k, v in summary.items()]
     return "\n".join(lines)
 
 
@@ -150,6 +219,7 @@ def main() -> None:
         try:
             samples += asyncio.run(bench_raw(broker.url, work, counts["raw"], levels))
             samples += asyncio.run(bench_meshjobs(broker.url, work, counts["meshjobs"], levels))
+            samples += asyncio.run(bench_routed(broker.url, work, counts, levels))
         finally:
             broker.stop()
         samples += bench_celery(work, counts["celery"], levels)

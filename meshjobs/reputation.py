@@ -6,7 +6,7 @@ submitter (a ``MJ1V`` frame) and kept in the ``EVIDENCE`` stream under
 rejected and disputed results it carries the worker's own signed result. The
 evidence is then folded into the peer's **record** in the ``reputation`` KV
 bucket by compare-and-set, retried on conflict, so concurrent updaters never
-lose an update; each record remembers the ids of its latest 64 pieces of
+lose an update; each record remembers the ids of its latest 256 pieces of
 evidence, so a write that timed out but was applied is not applied again when
 it is retried (the evidence stream also drops a re-sent piece of evidence
 within its two-minute duplicate window).
@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .envelope import EVIDENCE_MAGIC, Wire, now_ms, open_statement, seal_statement
 from .errors import MeshError, Rejected
 from .identity import Identity
-from .state import DOMAIN, KeyExists, MeshKV, ensure_stream, open_bucket
+from .state import DOMAIN, Entry, KeyExists, MeshKV, ensure_stream, open_bucket, watch_bucket
 
 BUCKET = "reputation"
 STREAM = "EVIDENCE"
@@ -51,7 +51,7 @@ WEIGHTS: dict[str, tuple[float, float]] = {
 PRIOR_SCORE = 0.5
 QUARANTINE_SCORE = 0.3
 QUARANTINE_MIN_BAD = 3
-RECENT_IDS = 64
+RECENT_IDS = 256
 Kind = Literal["success", "failure", "timeout", "disputed", "rejected"]
 
 
@@ -143,6 +143,25 @@ class ReputationBook:
         self.identity = identity
         self.kv = kv
         self.js = nc.jetstream(domain=DOMAIN, timeout=5.0)
+        self._cache: dict[str, Record] | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    async def watch(self) -> None:
+        """Keep every record in memory, updated as the bucket changes (routers read per job)."""
+        cache: dict[str, Record] = {}
+        ready = asyncio.Event()
+
+        def on_entry(entry: Entry) -> None:
+            cache[entry.key] = _parse(entry.value, entry.key)
+
+        self._watch = asyncio.create_task(watch_bucket(self.kv, on_entry, ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        self._cache = cache
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
 
     @classmethod
     async def open(cls, nc: NATS, identity: Identity) -> ReputationBook:
@@ -156,7 +175,7 @@ class ReputationBook:
         )
         return cls(nc, identity, kv)
 
-    async def report(
+    def evidence_for(
         self,
         kind: Kind,
         peer: str,
@@ -166,9 +185,9 @@ class ReputationBook:
         latency_ms: float | None = None,
         detail: str = "",
         result: bytes | None = None,
-    ) -> Record:
-        """Sign evidence, keep it in the evidence stream, fold it into the peer's record."""
-        evidence = Evidence(
+    ) -> Evidence:
+        """A piece of evidence by this submitter (not yet signed or stored)."""
+        return Evidence(
             version=1,
             id=evidence_id(kind, peer, job_id, self.identity.public_key),
             kind=kind,
@@ -181,34 +200,63 @@ class ReputationBook:
             detail=detail[:1000],
             result=result.decode("utf-8", "replace")[: 256 * 1024] if result else None,
         )
-        frame = seal_statement(EVIDENCE_MAGIC, self.identity, evidence)
-        await self.js.publish(f"{SUBJECT}.{peer}", frame, headers={"Nats-Msg-Id": evidence.id})
-        return await self.fold(evidence)
 
-    async def fold(self, evidence: Evidence) -> Record:
-        """Compare-and-set the evidence into the record; retried on conflict, applied once."""
+    async def report(self, kind: Kind, peer: str, **details: Any) -> Record:
+        """Sign evidence, keep it in the evidence stream, fold it into the peer's record."""
+        records = await self.store([self.evidence_for(kind, peer, **details)])
+        return records[peer]
+
+    async def store(self, batch: list[Evidence]) -> dict[str, Record]:
+        """Sign and keep every piece of *batch*, then fold each peer's share in one update."""
+        await asyncio.gather(
+            *(
+                self.js.publish(
+                    f"{SUBJECT}.{e.peer}",
+                    seal_statement(EVIDENCE_MAGIC, self.identity, e),
+                    headers={"Nats-Msg-Id": e.id},
+                )
+                for e in batch
+            )
+        )
+        by_peer: dict[str, list[Evidence]] = {}
+        for evidence in batch:
+            by_peer.setdefault(evidence.peer, []).append(evidence)
+        folded = await asyncio.gather(*(self.fold(*items) for items in by_peer.values()))
+        return dict(zip(by_peer, folded, strict=True))
+
+    async def fold(self, *batch: Evidence) -> Record:
+        """Compare-and-set evidence about one peer into its record; retried on conflict, applied once."""
+        peer = batch[0].peer
         for attempt in range(100):
-            entry = await self.kv.get(evidence.peer)
-            record = _parse(entry.value, evidence.peer) if entry else Record(peer=evidence.peer)
-            if evidence.id in record.recent:
+            entry = await self.kv.get(peer)
+            record = _parse(entry.value, peer) if entry else Record(peer=peer)
+            updated = record
+            now = now_ms()
+            for evidence in batch:
+                if evidence.id not in updated.recent:
+                    updated = updated.apply(evidence, now)
+            if updated is record:
                 return record
-            updated = record.apply(evidence, now_ms())
             data = updated.model_dump_json().encode()
             try:
                 if entry is None:
-                    await self.kv.create(evidence.peer, data)
+                    await self.kv.create(peer, data)
                 else:
-                    await self.kv.update(evidence.peer, data, last=entry.revision)
+                    await self.kv.update(peer, data, last=entry.revision)
+                if self._cache is not None:
+                    self._cache[peer] = updated  # the watch confirms it a moment later
                 return updated
             except KeyExists:
                 await asyncio.sleep(random.uniform(0, 0.01 * min(attempt + 1, 10)))
-        raise MeshError(f"could not update the reputation of {evidence.peer[:12]}…: too much contention")
+        raise MeshError(f"could not update the reputation of {peer[:12]}…: too much contention")
 
     async def record(self, peer: str) -> Record:
         entry = await self.kv.get(peer)
         return _parse(entry.value, peer) if entry else Record(peer=peer)
 
     async def records(self, peers: list[str]) -> dict[str, Record]:
+        if self._cache is not None:
+            return {p: self._cache.get(p) or Record(peer=p) for p in peers}
         found = await asyncio.gather(*(self.record(p) for p in peers))
         return dict(zip(peers, found, strict=True))
 

@@ -19,20 +19,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
+
 from .client import Client, Outcome
 from .discovery import PeerInfo
 from .envelope import new_job_id
 from .errors import HandlerError, JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
 from .quarantine import QuarantineBoard
-from .reputation import Kind, Record, ReputationBook
+from .reputation import Evidence, Kind, Record, ReputationBook
 
 DISCOVERY_TTL = 2.0
+log = logging.getLogger("meshjobs.router")
 
 
 @dataclass(frozen=True)
@@ -102,23 +106,26 @@ class Router:
         self.book = book
         self.board = board
         self._discovered: tuple[float, list[PeerInfo]] = (0.0, [])
-        self._reports: set[asyncio.Task[Any]] = set()
+        self._pending: list[Evidence] = []
+        self._writer: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, client: Client, operators: frozenset[str]) -> Router:
         book = await ReputationBook.open(client.nc, client.identity)
+        await book.watch()
         board = await QuarantineBoard.open(client.nc, operators)
         return cls(client, book, board)
 
     async def flush(self) -> None:
         """Wait until every outcome reported so far is stored as evidence and in the record."""
-        while self._reports:
-            await asyncio.gather(*list(self._reports), return_exceptions=True)
+        while self._writer is not None and not self._writer.done():
+            await asyncio.gather(self._writer, return_exceptions=True)
 
     async def close(self) -> None:
         """Wait for evidence still being written, stop watching quarantine orders."""
         await self.flush()
         await self.board.close()
+        await self.book.close()
 
     async def _peers(self) -> list[PeerInfo]:
         at, peers = self._discovered
@@ -150,9 +157,13 @@ class Router:
         return found
 
     def report(self, kind: Kind, peer: str, outcome: Outcome | None, job_id: str, capability: str, **kw: Any) -> None:
-        """Record evidence in the background; :meth:`close` waits for it."""
-        task = asyncio.create_task(
-            self.book.report(
+        """Queue evidence; it is signed and stored in batches in the background (see :meth:`flush`).
+
+        Batching keeps one compare-and-set per peer per batch instead of one
+        per job, so a busy router does not contend with itself on a record.
+        """
+        self._pending.append(
+            self.book.evidence_for(
                 kind,
                 peer,
                 job_id=job_id,
@@ -162,8 +173,17 @@ class Router:
                 **kw,
             )
         )
-        self._reports.add(task)
-        task.add_done_callback(self._reports.discard)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        while self._pending:
+            await asyncio.sleep(0.02)  # let a burst of outcomes gather into one batch
+            batch, self._pending = self._pending, []
+            try:
+                await self.book.store(batch)
+            except (MeshError, nats.errors.Error) as exc:
+                log.warning("could not store %d piece(s) of evidence: %s", len(batch), exc)
 
     async def _try(
         self, peer: str, capability: str, args: dict[str, Any], job_id: str, budget: float, valid: float
