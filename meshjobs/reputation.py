@@ -29,7 +29,7 @@ import random
 from typing import Any, Literal
 
 from nats.aio.client import Client as NATS
-from nats.js.api import DeliverPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .envelope import EVIDENCE_MAGIC, Wire, now_ms, open_statement, seal_statement
@@ -261,21 +261,26 @@ class ReputationBook:
         return dict(zip(peers, found, strict=True))
 
     async def evidence(self, peer: str, limit: int = 100) -> list[tuple[Evidence | None, str]]:
-        """The latest evidence about *peer*, each verified: (evidence or None, problem)."""
-        sub = await self.js.subscribe(
-            f"{SUBJECT}.{peer}", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, stream=STREAM
+        """The latest evidence about *peer*, each verified: (evidence or None, problem).
+
+        Read with a pull consumer: pull requests are request/reply, which
+        crosses leaf links and gateways like any other request.
+        """
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0, max_ack_pending=-1
         )
+        sub = await self.js.pull_subscribe(f"{SUBJECT}.{peer}", durable=None, stream=STREAM, config=config)
         out: list[tuple[Evidence | None, str]] = []
         try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=0.5)
-                except Exception:  # noqa: BLE001 - nats-py raises its TimeoutError at the end of the stream
-                    break
-                try:
-                    out.append((open_statement(EVIDENCE_MAGIC, Evidence, "submitter", msg.data), ""))
-                except Rejected as exc:
-                    out.append((None, str(exc)))
+            remaining = (await sub.consumer_info()).num_pending or 0
+            while remaining > 0:
+                msgs = await sub.fetch(min(remaining, 256), timeout=5)
+                remaining -= len(msgs)
+                for msg in msgs:
+                    try:
+                        out.append((open_statement(EVIDENCE_MAGIC, Evidence, "submitter", msg.data), ""))
+                    except Rejected as exc:
+                        out.append((None, str(exc)))
         finally:
             await sub.unsubscribe()
         return out[-limit:]

@@ -299,3 +299,30 @@ async def test_a_community_leaf_credential_carries_only_its_own_peers_subjects(f
         await spy.close()
         await hub.close()
         rogue.stop()
+
+
+async def test_routed_submission_across_the_federation(fed: Fed) -> None:
+    """Trust routing works through leaves: constraints pick the other region, evidence lands in the hub."""
+    lab = start_worker(fed, "lab-worker", "lab", "eu", "lab")
+    garage = start_worker(fed, "garage-worker", "garage", "us", "garage")
+    try:
+        async with await Client.connect(fed.url("lab"), fed.ids["lab-user"]) as client:
+            await wait_for_peers(client, {fed.ids["lab-worker"].public_key, fed.ids["garage-worker"].public_key})
+        env = cli_env(fed.homes["lab-user"], fed.url("lab"))
+        out = await asyncio.to_thread(
+            meshjobs, "submit", "demo.add", '{"a": 1, "b": 2}', "--region", "us", "--trace", env=env
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == "3\n"
+        assert f"trace: {fed.ids['garage-worker'].public_key[:12]}… success" in out.stderr
+        shown = await asyncio.to_thread(
+            meshjobs, "reputation", fed.ids["garage-worker"].public_key, "--json",
+            env=cli_env(fed.homes["op"], fed.url("us-2")),
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        report = json.loads(shown.stdout)
+        assert report["counts"]["success"] >= 1
+        assert any(e["valid"] and e["submitter"] == fed.ids["lab-user"].public_key for e in report["evidence"]), report
+    finally:
+        lab.terminate()
+        garage.terminate()
