@@ -217,6 +217,10 @@ def load_app(spec: str) -> App:
 @click.option(
     "--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish in-flight jobs on SIGTERM."
 )
+@click.option("--max-attempts", type=click.IntRange(1, 100), default=5, show_default=True,
+              help="Runs of a failing durable job before it goes to the dead-letter queue.")  # fmt: skip
+@click.option("--retry-delay", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds before a failed durable job runs again; doubles each time.")  # fmt: skip
 @server_option
 @guarded
 def worker(
@@ -228,6 +232,8 @@ def worker(
     community: str,
     trust_file: Path | None,
     drain_timeout: float,
+    max_attempts: int,
+    retry_delay: float,
     server: str,
 ) -> None:
     """Run a worker app, like `celery -A`: meshjobs worker workers.demo:app"""
@@ -240,7 +246,13 @@ def worker(
     identity = identity_for_use()
     policy = load_trust(trust_file or home() / TRUST_FILE, required=trust_file is not None)
     config = WorkerConfig(
-        concurrency=concurrency, name=name, region=region, community=community, drain_timeout=drain_timeout
+        concurrency=concurrency,
+        name=name,
+        region=region,
+        community=community,
+        drain_timeout=drain_timeout,
+        max_attempts=max_attempts,
+        retry_delay=retry_delay,
     )
     run(Worker(app, identity, policy, config).serve(servers(server)))
 
@@ -257,8 +269,9 @@ def demo(keep_home: bool) -> None:
 
 # Operator command groups live in their own module; registered here so that
 # `meshjobs --help` lists them.
+from .cli_durable import jobs  # noqa: E402
 from .cli_jobs import peers, quarantine, release, reputation, submit  # noqa: E402
 from .cli_mesh import broker, mesh  # noqa: E402
 
-for command in (submit, peers, reputation, quarantine, release, broker, mesh):
+for command in (submit, jobs, peers, reputation, quarantine, release, broker, mesh):
     main.add_command(command)

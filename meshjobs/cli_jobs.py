@@ -51,6 +51,10 @@ async def open_router(client: Client) -> Any:
 @click.option("--job-id", help="Job id to use (retries with the same id never run twice on a peer).")
 @click.option("--peer-wait", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="Seconds to keep trying while no peer offers the capability.")  # fmt: skip
+@click.option("--durable", is_flag=True, help="Queue on JetStream: survives crashes; prints the job id.")
+@click.option(
+    "--wait", "wait_s", type=float, help="With --durable: wait this many seconds for the result and print it."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full signed record as JSON.")
 @server_option
 @click.pass_context
@@ -82,6 +86,11 @@ def submit(ctx: click.Context, /, capability: str, json_args: str | None, **opts
         replicas > 1 or opts["trace"] or any(v is not None for v in (opts["min_trust"], opts["region"], opts["kind"]))
     )
     identity = identity_for_use()
+    if opts["durable"]:
+        if routed or opts["peer"]:
+            raise UsageError("--durable goes through the capability's queue; routing options do not apply")
+        run(_durable_submit(identity, capability, args, opts))
+        return
 
     async def go() -> None:
         async with await Client.connect(servers(opts["server"]), identity) as client:
@@ -115,6 +124,24 @@ def submit(ctx: click.Context, /, capability: str, json_args: str | None, **opts
             click.echo(json.dumps(outcome.value, ensure_ascii=False))
 
     run(go())
+
+
+async def _durable_submit(identity: Any, capability: str, args: dict[str, Any], opts: dict[str, Any]) -> None:
+    from ._nats import connect
+    from .cli_durable import print_value
+    from .durable import Durable
+
+    nc = await connect(servers(opts["server"]), identity, name="meshjobs-submit")
+    try:
+        durable = await Durable.open(nc)
+        job_id = await durable.submit(identity, capability, args, job_id=opts["job_id"])
+        if opts["wait_s"] is None:
+            click.echo(job_id)
+            return
+        found = await durable.wait(job_id, opts["wait_s"])
+    finally:
+        await nc.close()
+    print_value(found, opts["as_json"], job_id)
 
 
 async def _queue_submit(

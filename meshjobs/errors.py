@@ -52,6 +52,7 @@ class Reason(enum.StrEnum):
     DENIED = "denied"
     QUARANTINED = "quarantined"
     NO_QUORUM = "no_quorum"
+    QUEUE_FULL = "queue_full"
 
 
 #: Rejections a client may answer by trying again with the same job id.
@@ -79,6 +80,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.DENIED: "the submitter may not run this capability on this worker",
     Reason.QUARANTINED: "the peer is quarantined",
     Reason.NO_QUORUM: "not enough peers agreed on the result",
+    Reason.QUEUE_FULL: "the job queue is full",
 }
 
 

@@ -79,19 +79,33 @@ class MeshKV:
         return await self._publish(key, value, None)
 
     async def create(self, key: str, value: bytes) -> int:
-        """Write only if the key does not exist; raises :class:`KeyExists` otherwise."""
-        return await self._publish(key, value, 0)
+        """Write only if the key does not exist (or was deleted); raises :class:`KeyExists` otherwise."""
+        try:
+            return await self._publish(key, value, 0)
+        except KeyExists:
+            try:
+                await self._leader_kv.get(key)
+            except nats.js.errors.KeyDeletedError as deleted:
+                # Deleted keys keep a marker: create over it, as nats-py's own create does.
+                return await self._publish(key, value, int(deleted.entry.revision or 0))
+            except nats.js.errors.KeyNotFoundError:
+                pass
+            raise
+
+    async def delete(self, key: str) -> int:
+        """Mark the key deleted (its history keeps what it was)."""
+        return await self._publish(key, b"", None, {"KV-Operation": "DEL"})
 
     async def update(self, key: str, value: bytes, last: int) -> int:
         """Compare-and-set: write only if the key is still at revision *last*."""
         return await self._publish(key, value, last)
 
-    async def _publish(self, key: str, value: bytes, last: int | None) -> int:
+    async def _publish(self, key: str, value: bytes, last: int | None, extra: dict[str, str] | None = None) -> int:
         # Every logical write carries one message id, so a retry after a
         # timeout whose write was in fact applied is deduplicated by
         # JetStream (it answers with the first write's ack) instead of
         # applied twice or failing its own compare-and-set.
-        headers = {"Nats-Msg-Id": uuid.uuid4().hex}
+        headers = {"Nats-Msg-Id": uuid.uuid4().hex, **(extra or {})}
         if last is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
         loop = asyncio.get_running_loop()

@@ -23,7 +23,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -42,6 +42,9 @@ from .ledger import JobEntry, JobTable, ReplayGuard
 from .policy import TrustPolicy
 from .quarantine import QuarantineBoard
 from .subjects import PEER_QUEUE, peer_subject, queue_subject
+
+if TYPE_CHECKING:
+    from .durable_worker import DurableRunner
 
 log = logging.getLogger("meshjobs.worker")
 
@@ -64,6 +67,13 @@ class WorkerConfig:
     name: str | None = None
     region: str = ""
     community: str = ""
+    durable: bool = True
+    """Also consume durable jobs (JetStream), when the broker has JetStream."""
+    max_attempts: int = 5
+    """Runs of a durable job whose handler fails before it goes to the dead-letter queue."""
+    retry_delay: float = 1.0
+    """First delay before a failed durable job runs again; doubles each time."""
+    max_durable_validity: float = 7 * 86400.0
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "max_pending", "max_message_bytes"):
@@ -106,6 +116,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._draining = False
         self.board: QuarantineBoard | None = None
+        self.durable: DurableRunner | None = None
         self.responder = ServiceResponder(
             self.instance_id,
             __version__,
@@ -152,6 +163,16 @@ class Worker:
             self.board = await QuarantineBoard.open(nc, self.policy.operators)
         except (MeshError, nats.errors.Error, TimeoutError) as exc:
             log.warning("quarantine orders unavailable (no JetStream?): %s", exc)
+        if self.config.durable:
+            from .durable import Durable
+            from .durable_worker import DurableRunner
+
+            try:
+                self.durable = DurableRunner(self, await Durable.open(nc))
+                await self.durable.start()
+            except (MeshError, nats.errors.Error, TimeoutError) as exc:
+                self.durable = None
+                log.warning("durable jobs unavailable (no JetStream?): %s", exc)
         self._heartbeat = asyncio.create_task(self._heartbeats())
         log.info(
             "worker %s (%s, %s) serving %s",
@@ -194,6 +215,8 @@ class Worker:
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("could not drain a subscription cleanly: %s", exc)
         self._subs.clear()
+        if self.durable is not None:
+            await self.durable.stop()
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=self.config.drain_timeout)
             for task in pending:
@@ -220,6 +243,13 @@ class Worker:
         return on_message
 
     def _admit(self, data: bytes, subject: str, cap: Capability) -> Envelope:
+        envelope = self.verify(data, subject, cap)
+        skew = int(self.config.clock_skew * 1000)
+        self.replays.check_and_record(envelope.submitter, envelope.nonce, envelope.expires_at + skew, now_ms())
+        return envelope
+
+    def verify(self, data: bytes, subject: str, cap: Capability, max_validity: float | None = None) -> Envelope:
+        """Every check but replay: size, signature, decoding, audience, capability, trust, quarantine, window."""
         envelope = open_envelope(data, self.config.max_message_bytes)
         if envelope.capability != cap.name or envelope.audience != subject:
             raise Rejected(
@@ -233,8 +263,7 @@ class Worker:
             self.board.check(envelope.submitter)
         now = now_ms()
         skew = int(self.config.clock_skew * 1000)
-        check_window(envelope, now, skew, int(self.config.max_validity * 1000))
-        self.replays.check_and_record(envelope.submitter, envelope.nonce, envelope.expires_at + skew, now)
+        check_window(envelope, now, skew, int((max_validity or self.config.max_validity) * 1000))
         return envelope
 
     async def _receive(self, msg: Msg, cap: Capability) -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 
-from meshjobs import App
+from meshjobs import App, JobContext
 
 honest = App("honest")
 dishonest = App("dishonest")
@@ -37,3 +38,17 @@ async def flaky_square(x: int) -> int:
     if n == 2:
         await asyncio.sleep(60)
     return x * x
+
+
+chaos = App("chaos")
+
+
+@chaos.capability("chaos.work", timeout=30)
+async def work(n: int, ms: int = 20, job: JobContext | None = None) -> int:
+    """Sleep a little, log the execution (one line per run), return n."""
+    await asyncio.sleep(ms / 1000)
+    path = os.environ.get("MESHJOBS_TEST_EXEC_LOG")
+    if path and job is not None:
+        with open(path, "a") as log:  # O_APPEND: lines from several processes never interleave
+            log.write(job.job_id + "\n")
+    return n

@@ -1,0 +1,278 @@
+"""Durable jobs on JetStream: none lost, none visibly run twice, poison jobs contained.
+
+Interactive commands ride core request/reply; work that must not be lost goes
+through the ``JOBS`` work-queue stream of the hub domain (subjects
+``mesh.jobs.<capability>``, three replicas where the cluster has them). A full
+queue refuses new jobs (discard-new) instead of dropping old ones; publishing
+is deduplicated by job id and retried on 503 and timeouts.
+
+All workers of a capability share one durable pull consumer, so the jobs are
+load-balanced among them. A worker pulls no more than it can start, sends
+in-progress acks while a job runs, and acknowledges only once the signed
+result is stored — created once in the ``results`` bucket under the job id, so
+a redelivered job whose result exists is acknowledged without running again.
+An envelope that fails verification is terminated on first delivery; a job
+whose handler fails is retried with backoff and, after ``max_attempts``,
+moved to the ``JOBS_DLQ`` stream with the reason. Nonces of durable envelopes
+are recorded mesh-wide (created once in the ``nonces`` bucket), so a replay
+can never run a job, wherever it is delivered.
+
+Job states (``queued``, ``running``, ``done``, ``failed``, ``dead``) are kept
+in the ``jobs`` bucket for ``meshjobs jobs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
+
+from .envelope import digest, new_job_id, now_ms, open_result, seal_envelope
+from .errors import ConnectError, JobTimeout, Reason, Rejected, UsageError
+from .identity import Identity
+from .state import DOMAIN, KeyExists, MeshKV, ensure_stream, open_bucket
+from .subjects import check_capability
+
+STREAM = "JOBS"
+SUBJECT = "mesh.jobs"
+DLQ_STREAM = "JOBS_DLQ"
+DLQ_SUBJECT = "mesh.dlq"
+RESULTS = "results"
+NONCES = "nonces"
+STATES = "jobs"
+DEFAULT_MAX_JOBS = 1_000_000
+DEFAULT_TTL = 24 * 3600.0
+_MAX_MSGS_EXCEEDED = {10077, 10027}
+
+
+def jobs_subject(capability: str) -> str:
+    return f"{SUBJECT}.{capability}"
+
+
+def consumer_name(capability: str) -> str:
+    """The durable consumer every worker of *capability* shares."""
+    return "jobs_" + capability.replace(".", "_")
+
+
+def nonce_key(submitter: str, nonce: str) -> str:
+    return hashlib.sha256(f"{submitter}\0{nonce}".encode()).hexdigest()[:40]
+
+
+@dataclass
+class JobState:
+    job_id: str
+    state: str
+    capability: str
+    submitter: str
+    request_digest: str
+    worker: str = ""
+    attempts: int = 0
+    detail: str = ""
+    updated_ms: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Durable:
+    """The durable-job streams and buckets, for submitters and workers alike."""
+
+    def __init__(self, nc: NATS, results: MeshKV, nonces: MeshKV, states: MeshKV) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(domain=DOMAIN, timeout=5.0)
+        self.results = results
+        self.nonces = nonces
+        self.states = states
+
+    @classmethod
+    async def open(cls, nc: NATS, *, max_jobs: int = DEFAULT_MAX_JOBS, ttl: float = DEFAULT_TTL) -> Durable:
+        js = nc.jetstream(domain=DOMAIN, timeout=5.0)
+        await ensure_stream(
+            js,
+            StreamConfig(
+                name=STREAM,
+                subjects=[f"{SUBJECT}.>"],
+                retention=RetentionPolicy.WORK_QUEUE,
+                discard=DiscardPolicy.NEW,
+                max_msgs=max_jobs,
+                max_age=ttl,
+                duplicate_window=120.0,
+                num_replicas=None,
+            ),
+        )
+        await ensure_stream(
+            js, StreamConfig(name=DLQ_STREAM, subjects=[f"{DLQ_SUBJECT}.>"], max_age=30 * 86400.0, num_replicas=None)
+        )
+        results = await open_bucket(nc, RESULTS, replicas=None)
+        nonces = await open_bucket(nc, NONCES, replicas=None)
+        states = await open_bucket(nc, STATES, replicas=None)
+        return cls(nc, results, nonces, states)
+
+    # -- submitting -------------------------------------------------------------
+
+    async def submit(
+        self,
+        identity: Identity,
+        capability: str,
+        args: dict[str, Any],
+        *,
+        job_id: str | None = None,
+        ttl: float = DEFAULT_TTL,
+        msg_id: str | None = None,
+    ) -> str:
+        """Queue a job; returns its id. Raises :class:`Rejected` (``queue_full``) when the queue is full."""
+        check_capability(capability)
+        job_id = job_id or new_job_id()
+        subject = jobs_subject(capability)
+        try:
+            _, frame = seal_envelope(
+                identity, capability, args, audience=subject, job_id=job_id, ttl_ms=int(ttl * 1000)
+            )
+        except ValueError as exc:
+            raise UsageError(f"arguments cannot be sent: {exc}") from None
+        state = JobState(job_id, "queued", capability, identity.public_key, digest(frame), updated_ms=now_ms())
+        await self.put_state(state)
+        await self._publish(subject, frame, msg_id or job_id)
+        return job_id
+
+    async def _publish(self, subject: str, frame: bytes, msg_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        delay = 0.05
+        while True:
+            try:
+                await self.js.publish(subject, frame, headers={"Nats-Msg-Id": msg_id})
+                return
+            except nats.js.errors.APIError as exc:
+                if exc.err_code in _MAX_MSGS_EXCEEDED or "maximum messages" in str(exc.description or ""):
+                    raise Rejected(Reason.QUEUE_FULL, "the job queue is full; nothing queued was dropped") from None
+                if not isinstance(exc, nats.js.errors.ServiceUnavailableError):
+                    raise
+                problem: Exception = exc
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.js.errors.NoStreamResponseError,
+            ) as exc:
+                problem = exc
+            if loop.time() + delay > deadline:
+                raise ConnectError(f"the job queue did not acknowledge the job: {problem}") from problem
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def put_state(self, state: JobState) -> None:
+        state.updated_ms = now_ms()
+        await self.states.put(state.job_id, json.dumps(state.as_dict()).encode())
+
+    async def state(self, job_id: str) -> JobState | None:
+        entry = await self.states.get(job_id)
+        if entry is None:
+            return None
+        try:
+            return JobState(**json.loads(entry.value))
+        except (ValueError, TypeError):
+            return None
+
+    async def result(self, job_id: str, *, wait: float = 0.0) -> Any:
+        """The verified signed result of a job (waits up to *wait* seconds), or None if not there yet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            entry = await self.results.get(job_id)
+            if entry is not None:
+                result = open_result(entry.value)
+                state = await self.state(job_id)
+                if result.job_id != job_id or (state and result.request_digest != state.request_digest):
+                    raise Rejected(Reason.RESULT_MISMATCH, f"the stored result does not belong to job {job_id}")
+                return result, entry.value
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
+
+    async def wait(self, job_id: str, timeout: float) -> Any:
+        found = await self.result(job_id, wait=timeout)
+        if found is None:
+            raise JobTimeout(f"job {job_id} has no result after {timeout:g} s (it stays queued)")
+        return found
+
+    async def list_states(self, limit: int = 50) -> list[JobState]:
+        try:
+            keys = await self.states._kv.keys()  # noqa: SLF001 - our own wrapper's KeyValue
+        except nats.js.errors.NoKeysError:
+            return []
+        found = [await self.state(k) for k in sorted(keys)[-limit:]]
+        return [s for s in found if s is not None]
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Jobs in the dead-letter stream: job id, capability, reason, attempts."""
+        config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0)
+        sub = await self.js.pull_subscribe(f"{DLQ_SUBJECT}.>", durable=None, stream=DLQ_STREAM, config=config)
+        out = []
+        try:
+            remaining = (await sub.consumer_info()).num_pending or 0
+            while remaining > 0:
+                msgs = await sub.fetch(min(remaining, 256), timeout=5)
+                remaining -= len(msgs)
+                for msg in msgs:
+                    headers = msg.headers or {}
+                    out.append(
+                        {
+                            "job_id": headers.get("Meshjobs-Job", ""),
+                            "capability": msg.subject[len(DLQ_SUBJECT) + 1 :],
+                            "reason": headers.get("Meshjobs-Reason", ""),
+                            "attempts": int(headers.get("Meshjobs-Attempts", "0") or 0),
+                            "envelope": msg.data,
+                        }
+                    )
+        finally:
+            await sub.unsubscribe()
+        return out[-limit:]
+
+    async def redrive(self, identity: Identity, job_id: str) -> str:
+        """Queue a dead job again, re-signed by its submitter with the same job id and arguments."""
+        from .envelope import open_envelope
+
+        for item in await self.dead_letters(limit=100_000):
+            if item["job_id"] != job_id:
+                continue
+            envelope = open_envelope(item["envelope"])
+            if envelope.submitter != identity.public_key:
+                raise UsageError(f"job {job_id} was submitted by another key; only its submitter can re-drive it")
+            await self.results.delete(job_id)  # the dead-letter result, so the job runs again
+            return await self.submit(
+                identity, envelope.capability, envelope.args, job_id=job_id, msg_id=f"{job_id}.redrive.{now_ms()}"
+            )
+        raise UsageError(f"job {job_id} is not in the dead-letter queue")
+
+    async def record_nonce(self, submitter: str, nonce: str, job_id: str) -> bool:
+        """Record a durable envelope's nonce mesh-wide; False if it was used by another job."""
+        key = nonce_key(submitter, nonce)
+        try:
+            await self.nonces.create(key, job_id.encode())
+            return True
+        except KeyExists:
+            entry = await self.nonces.get(key)
+            return entry is not None and entry.value == job_id.encode()
+
+    async def store_result(self, job_id: str, frame: bytes) -> bool:
+        """Store a job's signed result once; False when one was stored already."""
+        try:
+            await self.results.create(job_id, frame)
+            return True
+        except KeyExists:
+            return False
+
+
+def settle(job_id: str, found: Any) -> Any:
+    """Raise what a stored final result means, like :func:`meshjobs.client._settle`."""
+    from .client import Outcome, _settle
+
+    result, frame = found
+    return _settle(Outcome(result, frame, b"", f"job {job_id}", 1, 0.0))
