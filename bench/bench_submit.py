@@ -34,6 +34,7 @@ FULL = {
     "meshjobs": (3000, 20000),
     "routed": (2000, 10000),
     "replicas3": (1000, 5000),
+    "durable": (1000, 5000),
     "celery": (1000, 4000),
 }
 QUICK = {
@@ -41,6 +42,7 @@ QUICK = {
     "meshjobs": (200, 1000),
     "routed": (100, 500),
     "replicas3": (50, 300),
+    "durable": (50, 300),
     "celery": (100, 300),
 }
 
@@ -134,14 +136,67 @@ async def bench_routed(url: str, work: Path, counts: dict[str, tuple[int, int]],
             worker.stop()
 
 
-def bench_celery(work: Path, counts: tuple[int, int], levels: list[int]) -> list[Sample]:
-    redis, redis_url = start_redis(work / "redis")
-    env = {**os.environ, "BENCH_REDIS_URL": redis_url}
+async def bench_durable(url: str, work: Path, counts: tuple[int, int], levels: list[int]) -> list[Sample]:
+    """Durable rows: submit to the JOBS stream, one worker, until the signed result is stored and seen."""
+    from meshjobs._nats import connect
+    from meshjobs.durable import Durable
+    from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
+    from meshjobs.state import Entry, watch_bucket
+
+    home = work / "durable"
+    identity = Identity.generate()
+    save_identity(identity, home / IDENTITY_FILE)
+    env = {**os.environ, "MESHJOBS_HOME": str(home), "MESHJOBS_SERVER": url}
+    worker = Child([python(), "-m", "meshjobs", "worker", "workers.demo:app"], work / "durable.log", env)
+    nc = await connect(url, identity)
+    try:
+        worker.wait_for("serving")
+        durable = await Durable.open(nc)
+        waiting: dict[str, asyncio.Future[None]] = {}
+
+        def on_result(entry: Entry) -> None:
+            future = waiting.pop(entry.key, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+        ready = asyncio.Event()
+        feed = asyncio.create_task(watch_bucket(durable.results, on_result, ready))
+        await ready.wait()
+
+        async def one() -> None:
+            from meshjobs.envelope import new_job_id
+
+            job_id = new_job_id()
+            waiting[job_id] = asyncio.get_running_loop().create_future()
+            await durable.submit(identity, "demo.noop", {}, job_id=job_id)
+            await waiting[job_id]
+
+        samples = []
+        for level, count in zip(levels, counts, strict=True):
+            sample = await drive_async("meshjobs durable", one, count, level, warmup=20)
+            sample.worker_rss_mib = peak_rss_mib(worker.proc.pid)
+            samples.append(sample)
+        feed.cancel()
+        return samples
+    finally:
+        await nc.close()
+        worker.stop()
+
+
+def bench_celery(work: Path, counts: tuple[int, int], levels: list[int], acks_late: bool = False) -> list[Sample]:
+    redis, redis_url = start_redis(work / ("redis-late" if acks_late else "redis"))
+    env = {**os.environ, "BENCH_REDIS_URL": redis_url, "BENCH_ACKS_LATE": "1" if acks_late else "0"}
     os.environ["BENCH_REDIS_URL"] = redis_url
+    os.environ["BENCH_ACKS_LATE"] = env["BENCH_ACKS_LATE"]
+    import importlib
+
+    import bench.celery_app
+
+    importlib.reload(bench.celery_app)  # pick up this run's broker URL and acks_late
     worker = Child(
         [python(), "-m", "celery", "-A", "bench.celery_app", "worker", "-c", "2", "--loglevel", "INFO",
          "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        work / "celery-worker.log",
+        work / ("celery-late.log" if acks_late else "celery-worker.log"),
         env,
     )  # fmt: skip
     try:
@@ -150,7 +205,8 @@ def bench_celery(work: Path, counts: tuple[int, int], levels: list[int]) -> list
 
         samples = []
         for level, count in zip(levels, counts, strict=True):
-            sample = drive_threads("celery+redis", lambda: noop.delay().get(timeout=60), count, level)
+            name = "celery+redis acks_late" if acks_late else "celery+redis"
+            sample = drive_threads(name, lambda: noop.delay().get(timeout=60), count, level)
             sample.worker_rss_mib = _tree_rss(worker.proc.pid)
             samples.append(sample)
         return samples
@@ -178,7 +234,10 @@ def ratios(samples: list[Sample]) -> dict[str, Any]:
             )
         if cel and mesh:
             out[f"meshjobs/celery throughput @{level}"] = round(mesh.throughput / cel.throughput, 2)
-        for name in ("meshjobs routed", "meshjobs x3 quorum 2"):
+        durable, late = by.get(("meshjobs durable", level)), by.get(("celery+redis acks_late", level))
+        if durable and late:
+            out[f"durable/celery acks_late throughput @{level}"] = round(durable.throughput / late.throughput, 2)
+        for name in ("meshjobs routed", "meshjobs x3 quorum 2", "meshjobs durable"):
             row = by.get((name, level))
             if row and mesh:
                 out[f"{name}/queue throughput @{level}"] = round(row.throughput / mesh.throughput, 3)
@@ -220,9 +279,11 @@ def main() -> None:
             samples += asyncio.run(bench_raw(broker.url, work, counts["raw"], levels))
             samples += asyncio.run(bench_meshjobs(broker.url, work, counts["meshjobs"], levels))
             samples += asyncio.run(bench_routed(broker.url, work, counts, levels))
+            samples += asyncio.run(bench_durable(broker.url, work, counts["durable"], levels))
         finally:
             broker.stop()
         samples += bench_celery(work, counts["celery"], levels)
+        samples += bench_celery(work, counts["celery"], levels, acks_late=True)
     summary = ratios(samples)
     print(table(samples, summary))
     version = subprocess.run([find_nats_server(), "--version"], capture_output=True, text=True).stdout.strip()
