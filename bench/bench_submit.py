@@ -167,9 +167,9 @@ async def bench_durable(url: str, work: Path, counts: tuple[int, int], levels: l
             from meshjobs.envelope import new_job_id
 
             job_id = new_job_id()
-            waiting[job_id] = asyncio.get_running_loop().create_future()
+            future = waiting[job_id] = asyncio.get_running_loop().create_future()
             await durable.submit(identity, "demo.noop", {}, job_id=job_id)
-            await waiting[job_id]
+            await future
 
         samples = []
         for level, count in zip(levels, counts, strict=True):
@@ -177,6 +177,7 @@ async def bench_durable(url: str, work: Path, counts: tuple[int, int], levels: l
             sample.worker_rss_mib = peak_rss_mib(worker.proc.pid)
             samples.append(sample)
         feed.cancel()
+        await asyncio.gather(feed, return_exceptions=True)
         return samples
     finally:
         await nc.close()

@@ -245,4 +245,7 @@ async def watch_bucket(kv: MeshKV, on_entry: Callable[[Entry], None], ready: asy
         except (TimeoutError, nats.errors.Error):
             await asyncio.sleep(0.5)
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            try:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+            except nats.errors.Error:
+                pass  # the connection is closing: nothing left to stop
