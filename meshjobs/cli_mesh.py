@@ -145,6 +145,29 @@ def mesh_up(topology_path: Path, state_dir: Path | None, timeout: float, as_json
         click.echo(
             f"mesh {topology.mesh.name!r} healthy in {time.monotonic() - started:.1f} s; state in {local.state_dir}"
         )
+    _provision(topology, as_json)
+
+
+def _provision(topology: Topology, quiet: bool) -> None:
+    """Place mesh state as the topology says, when this peer's key may do it."""
+    import asyncio
+
+    from .cli import identity_for_use
+    from .mesh import provision
+
+    identity = identity_for_use()
+    region = topology.state_region.name
+    if identity.public_key not in topology.mesh.peers:
+        if not quiet:
+            click.echo(
+                "mesh state not provisioned: admit this key on the hub (meshjobs broker add-peer --topology FILE "
+                f"KEY, with KEY from `meshjobs id`) and run mesh up again to place it in {region} with "
+                f"{topology.mesh.state_replicas} replicas"
+            )
+        return
+    created = asyncio.run(provision(topology, identity))
+    if not quiet:
+        click.echo(f"mesh state in region {region}, {topology.mesh.state_replicas} replicas: {', '.join(created)}")
 
 
 @mesh.command("down")

@@ -32,7 +32,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, Placement, RetentionPolicy, StreamConfig
 
 from .envelope import digest, new_job_id, now_ms, open_result, seal_envelope
 from .errors import ConnectError, JobTimeout, Reason, Rejected, UsageError
@@ -92,8 +92,18 @@ class Durable:
         self.states = states
 
     @classmethod
-    async def open(cls, nc: NATS, *, max_jobs: int = DEFAULT_MAX_JOBS, ttl: float = DEFAULT_TTL) -> Durable:
+    async def open(
+        cls,
+        nc: NATS,
+        *,
+        max_jobs: int = DEFAULT_MAX_JOBS,
+        ttl: float = DEFAULT_TTL,
+        replicas: int | None = None,
+        placement: str | None = None,
+    ) -> Durable:
+        """Open (creating where missing) the job streams and buckets; existing ones keep their settings."""
         js = nc.jetstream(domain=DOMAIN, timeout=5.0)
+        where = Placement(cluster=placement) if placement else None
         await ensure_stream(
             js,
             StreamConfig(
@@ -104,15 +114,21 @@ class Durable:
                 max_msgs=max_jobs,
                 max_age=ttl,
                 duplicate_window=120.0,
-                num_replicas=None,
+                num_replicas=replicas,
+                placement=where,
             ),
         )
-        await ensure_stream(
-            js, StreamConfig(name=DLQ_STREAM, subjects=[f"{DLQ_SUBJECT}.>"], max_age=30 * 86400.0, num_replicas=None)
+        dlq = StreamConfig(
+            name=DLQ_STREAM,
+            subjects=[f"{DLQ_SUBJECT}.>"],
+            max_age=30 * 86400.0,
+            num_replicas=replicas,
+            placement=where,
         )
-        results = await open_bucket(nc, RESULTS, replicas=None)
-        nonces = await open_bucket(nc, NONCES, replicas=None)
-        states = await open_bucket(nc, STATES, replicas=None)
+        await ensure_stream(js, dlq)
+        results = await open_bucket(nc, RESULTS, replicas=replicas, placement=placement)
+        nonces = await open_bucket(nc, NONCES, replicas=replicas, placement=placement)
+        states = await open_bucket(nc, STATES, replicas=replicas, placement=placement)
         return cls(nc, results, nonces, states)
 
     # -- submitting -------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 from .broker import NatsServer, find_nats_server, is_our_server, stop_pid_file
 from .credentials import ensure_credentials
 from .errors import BrokerError
+from .identity import Identity
 from .natsconf import node_config
 from .topology import Community, Topology
 
@@ -203,3 +204,28 @@ class LocalMesh:
             os.kill(int(server.pid_path.read_text().strip()), signal.SIGHUP)
             reloaded.append(name)
         return reloaded
+
+
+async def provision(topology: Topology, identity: Identity) -> list[str]:
+    """Create the mesh state where the topology says: its replicas, in its state region.
+
+    Clients create what is missing with defaults; provisioned first, the
+    buckets and streams keep these settings. Needs a key admitted on the hub
+    (``[mesh] peers``).
+    """
+    from ._nats import connect
+    from .durable import Durable
+    from .quarantine import QuarantineBoard
+    from .reputation import ReputationBook
+
+    region = topology.state_region
+    urls = [f"nats://{topology.mesh.host}:{n.client_port}" for n in region.nodes]
+    replicas, placement = topology.mesh.state_replicas, region.name
+    nc = await connect(urls, identity, name="meshjobs-provision")
+    try:
+        await ReputationBook.open(nc, identity, replicas=replicas, placement=placement)
+        await QuarantineBoard.open(nc, frozenset(), watch=False, replicas=replicas, placement=placement)
+        await Durable.open(nc, replicas=replicas, placement=placement)
+    finally:
+        await nc.close()
+    return ["reputation", "quarantine", "results", "nonces", "jobs", "EVIDENCE", "JOBS", "JOBS_DLQ"]

@@ -48,8 +48,16 @@ class QuarantineBoard:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, nc: NATS, operators: frozenset[str], *, watch: bool = True) -> QuarantineBoard:
-        board = cls(await open_bucket(nc, BUCKET, replicas=None, history=16), operators)
+    async def open(
+        cls,
+        nc: NATS,
+        operators: frozenset[str],
+        *,
+        watch: bool = True,
+        replicas: int | None = None,
+        placement: str | None = None,
+    ) -> QuarantineBoard:
+        board = cls(await open_bucket(nc, BUCKET, replicas=replicas, placement=placement, history=16), operators)
         if watch:
             board._task = asyncio.create_task(watch_bucket(board.kv, board._on_entry, board.ready))
             await asyncio.wait_for(board.ready.wait(), 10)

@@ -29,7 +29,7 @@ import random
 from typing import Any, Literal
 
 from nats.aio.client import Client as NATS
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Placement, StreamConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .envelope import EVIDENCE_MAGIC, Wire, now_ms, open_statement, seal_statement
@@ -164,13 +164,25 @@ class ReputationBook:
             await asyncio.gather(self._watch, return_exceptions=True)
 
     @classmethod
-    async def open(cls, nc: NATS, identity: Identity) -> ReputationBook:
-        kv = await open_bucket(nc, BUCKET, replicas=None, history=1)
+    async def open(
+        cls, nc: NATS, identity: Identity, *, replicas: int | None = None, placement: str | None = None
+    ) -> ReputationBook:
+        """Open (creating where missing) the bucket and the evidence stream.
+
+        Where they exist already (an operator provisioned them with
+        `meshjobs mesh up`), their replicas and placement are kept.
+        """
+        kv = await open_bucket(nc, BUCKET, replicas=replicas, placement=placement, history=1)
         js = nc.jetstream(domain=DOMAIN, timeout=5.0)
         await ensure_stream(
             js,
             StreamConfig(
-                name=STREAM, subjects=[f"{SUBJECT}.>"], max_age=90 * 86400.0, duplicate_window=120.0, num_replicas=None
+                name=STREAM,
+                subjects=[f"{SUBJECT}.>"],
+                max_age=90 * 86400.0,
+                duplicate_window=120.0,
+                num_replicas=replicas,
+                placement=Placement(cluster=placement) if placement else None,
             ),
         )
         return cls(nc, identity, kv)

@@ -14,7 +14,7 @@ from meshjobs._nats import connect
 from meshjobs.broker import find_nats_server, is_our_server
 from meshjobs.compose import CONTAINER_DATA, render_compose
 from meshjobs.errors import UsageError
-from meshjobs.identity import Identity
+from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.natsconf import node_config
 from meshjobs.topology import load_topology, parse_topology
 
@@ -113,6 +113,7 @@ peers = []
 
 def test_mesh_up_status_add_peer_down(tmp_path: Path) -> None:
     operator = Identity.generate()
+    save_identity(operator, tmp_path / "home" / IDENTITY_FILE)  # the CLI runs as the admitted operator
     path = mini_topology(tmp_path, operator.public_key)
     env = cli_env(tmp_path / "home")
     state = tmp_path / "state"
@@ -120,6 +121,18 @@ def test_mesh_up_status_add_peer_down(tmp_path: Path) -> None:
         up = meshjobs("mesh", "up", "--topology", str(path), "--state", str(state), env=env, timeout=120)
         assert up.returncode == 0, up.stderr
         assert "healthy in" in up.stdout
+        assert "mesh state in region north, 1 replicas" in up.stdout
+
+        async def placed() -> tuple[str, str]:
+            nc = await connect(load_topology(path).client_url("s-1"), operator)
+            try:
+                info = await nc.jetstream(domain="hub").stream_info("JOBS")
+                kv = await nc.jetstream(domain="hub").stream_info("KV_reputation")
+            finally:
+                await nc.close()
+            return (info.cluster.name if info.cluster else ""), (kv.cluster.name if kv.cluster else "")
+
+        assert asyncio.run(placed()) == ("north", "north")
         status = meshjobs("mesh", "status", "--topology", str(path), "--json", env=env)
         assert status.returncode == 0, status.stdout
         report = json.loads(status.stdout)
