@@ -85,11 +85,13 @@ class MeshKV:
         except KeyExists:
             try:
                 await self._leader_kv.get(key)
-            except nats.js.errors.KeyDeletedError as deleted:
-                # Deleted keys keep a marker: create over it, as nats-py's own create does.
-                return await self._publish(key, value, int(deleted.entry.revision or 0))
-            except nats.js.errors.KeyNotFoundError:
-                pass
+            except nats.js.errors.KeyNotFoundError as missing:
+                # A deleted key keeps a marker (nats-py reports it as "not
+                # found", with the marker's entry): create over the marker,
+                # as nats-py's own create does.
+                entry = getattr(missing, "entry", None)
+                if entry is not None and entry.revision:
+                    return await self._publish(key, value, int(entry.revision))
             raise
 
     async def delete(self, key: str) -> int:

@@ -52,3 +52,14 @@ async def work(n: int, ms: int = 20, job: JobContext | None = None) -> int:
         with open(path, "a") as log:  # O_APPEND: lines from several processes never interleave
             log.write(job.job_id + "\n")
     return n
+
+
+fixable = App("fixable")
+
+
+@fixable.capability("fix.me")
+async def fix_me(flag: str) -> str:
+    """Fails until the file *flag* exists (a poison job whose cause gets fixed)."""
+    if not os.path.exists(flag):
+        raise RuntimeError("not fixed yet")
+    return "fixed"

@@ -271,3 +271,28 @@ def test_durable_cli(broker: NatsServer, crew: Crew, home: Path) -> None:
     assert " done " in meshjobs("jobs", "status", job_id, env=env).stdout
     assert job_id in meshjobs("jobs", "list", "--state", "done", env=env).stdout
     assert meshjobs("jobs", "status", "nope-00000000", env=env).returncode == 2
+
+
+async def test_a_dead_job_can_be_redriven_by_its_submitter(
+    broker: NatsServer, identity: Identity, crew: Crew, home: Path, tmp_path: Path
+) -> None:
+    """Dead-lettered because no attempt succeeded; re-driven once the cause is fixed, it runs again."""
+    flag = tmp_path / "fixed"
+    crew.start(broker.url, "--max-attempts", "2", "--retry-delay", "0.05", app="tests.apps:fixable")
+    env = cli_env(home, broker.url)
+    nc = await connect(broker.url, identity)
+    try:
+        durable = await Durable.open(nc)
+        job_id = await durable.submit(identity, "fix.me", {"flag": str(flag)})
+        result, _ = await durable.wait(job_id, 30)
+        assert result.status == "error"
+        flag.write_text("ok")
+        stranger = cli_env(tmp_path / "stranger", broker.url)
+        refused = await asyncio.to_thread(meshjobs, "jobs", "dlq", "--redrive", job_id, env=stranger)
+        assert refused.returncode == 2 and "only its submitter" in refused.stderr
+        redriven = await asyncio.to_thread(meshjobs, "jobs", "dlq", "--redrive", job_id, env=env)
+        assert redriven.returncode == 0, redriven.stderr
+        out = await asyncio.to_thread(meshjobs, "jobs", "result", job_id, "--wait", "30", env=env)
+        assert out.returncode == 0 and out.stdout == '"fixed"\n', out.stderr
+    finally:
+        await nc.close()

@@ -197,6 +197,15 @@ async def test_manual_quarantine_is_honoured_within_two_seconds(
 def test_only_operators_may_quarantine(cast: Cast) -> None:
     out = meshjobs("quarantine", cast.keys["flaky"], "--reason", "x", env=cli_env(cast.homes["submitter"], cast.url))
     assert out.returncode == 2 and "not an operator" in out.stderr
+    operator = cli_env(cast.homes["operator"], cast.url)
+    done = meshjobs("quarantine", cast.keys["flaky"], "--reason", "serves stale data", env=operator)
+    assert done.returncode == 0 and "quarantine:" in done.stdout
+    shown = json.loads(meshjobs("reputation", cast.keys["flaky"], "--json", env=operator).stdout)
+    assert shown["quarantine"]["action"] == "quarantine" and shown["quarantine"]["reason"] == "serves stale data"
+    released = meshjobs("release", cast.keys["flaky"], "--reason", "fixed", env=operator)
+    assert released.returncode == 0
+    shown = json.loads(meshjobs("reputation", cast.keys["flaky"], "--json", env=operator).stdout)
+    assert shown["quarantine"]["action"] == "release"
 
 
 async def test_concurrent_updaters_lose_no_update(cast: Cast) -> None:
