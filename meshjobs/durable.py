@@ -32,12 +32,21 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, Placement, RetentionPolicy, StreamConfig
+from nats.js.api import DiscardPolicy, Placement, RetentionPolicy, StreamConfig
 
 from .envelope import digest, new_job_id, now_ms, open_result, seal_envelope
-from .errors import ConnectError, JobTimeout, Reason, Rejected, UsageError
+from .errors import JobTimeout, Reason, Rejected, UsageError
 from .identity import Identity
-from .state import DOMAIN, KeyExists, MeshKV, ensure_stream, open_bucket
+from .state import (
+    DOMAIN,
+    FULL_STREAM_CODES,
+    KeyExists,
+    MeshKV,
+    ensure_stream,
+    open_bucket,
+    publish_retrying,
+    read_subject,
+)
 from .subjects import check_capability
 
 STREAM = "JOBS"
@@ -49,7 +58,6 @@ NONCES = "nonces"
 STATES = "jobs"
 DEFAULT_MAX_JOBS = 1_000_000
 DEFAULT_TTL = 24 * 3600.0
-_MAX_MSGS_EXCEEDED = {10077, 10027}
 
 
 def jobs_subject(capability: str) -> str:
@@ -159,29 +167,12 @@ class Durable:
         return job_id
 
     async def _publish(self, subject: str, frame: bytes, msg_id: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        delay = 0.05
-        while True:
-            try:
-                await self.js.publish(subject, frame, headers={"Nats-Msg-Id": msg_id})
-                return
-            except nats.js.errors.APIError as exc:
-                if exc.err_code in _MAX_MSGS_EXCEEDED or "maximum messages" in str(exc.description or ""):
-                    raise Rejected(Reason.QUEUE_FULL, "the job queue is full; nothing queued was dropped") from None
-                if not isinstance(exc, nats.js.errors.ServiceUnavailableError):
-                    raise
-                problem: Exception = exc
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.js.errors.NoStreamResponseError,
-            ) as exc:
-                problem = exc
-            if loop.time() + delay > deadline:
-                raise ConnectError(f"the job queue did not acknowledge the job: {problem}") from problem
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        try:
+            await publish_retrying(self.js, subject, frame, {"Nats-Msg-Id": msg_id}, 30.0, "the job")
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in FULL_STREAM_CODES:
+                raise Rejected(Reason.QUEUE_FULL, "the job queue is full; nothing queued was dropped") from None
+            raise
 
     async def put_state(self, state: JobState) -> None:
         state.updated_ms = now_ms()
@@ -228,27 +219,18 @@ class Durable:
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """Jobs in the dead-letter stream: job id, capability, reason, attempts."""
-        config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0)
-        sub = await self.js.pull_subscribe(f"{DLQ_SUBJECT}.>", durable=None, stream=DLQ_STREAM, config=config)
         out = []
-        try:
-            remaining = (await sub.consumer_info()).num_pending or 0
-            while remaining > 0:
-                msgs = await sub.fetch(min(remaining, 256), timeout=5)
-                remaining -= len(msgs)
-                for msg in msgs:
-                    headers = msg.headers or {}
-                    out.append(
-                        {
-                            "job_id": headers.get("Meshjobs-Job", ""),
-                            "capability": msg.subject[len(DLQ_SUBJECT) + 1 :],
-                            "reason": headers.get("Meshjobs-Reason", ""),
-                            "attempts": int(headers.get("Meshjobs-Attempts", "0") or 0),
-                            "envelope": msg.data,
-                        }
-                    )
-        finally:
-            await sub.unsubscribe()
+        for msg in await read_subject(self.js, DLQ_STREAM, f"{DLQ_SUBJECT}.>"):
+            headers = msg.headers or {}
+            out.append(
+                {
+                    "job_id": headers.get("Meshjobs-Job", ""),
+                    "capability": msg.subject[len(DLQ_SUBJECT) + 1 :],
+                    "reason": headers.get("Meshjobs-Reason", ""),
+                    "attempts": int(headers.get("Meshjobs-Attempts", "0") or 0),
+                    "envelope": msg.data,
+                }
+            )
         return out[-limit:]
 
     async def redrive(self, identity: Identity, job_id: str) -> str:

@@ -29,13 +29,13 @@ import random
 from typing import Any, Literal
 
 from nats.aio.client import Client as NATS
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Placement, StreamConfig
+from nats.js.api import Placement, StreamConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .envelope import EVIDENCE_MAGIC, Wire, now_ms, open_statement, seal_statement
 from .errors import MeshError, Rejected
 from .identity import Identity
-from .state import DOMAIN, Entry, KeyExists, MeshKV, ensure_stream, open_bucket, watch_bucket
+from .state import DOMAIN, Entry, KeyExists, MeshKV, ensure_stream, open_bucket, read_subject, watch_bucket
 
 BUCKET = "reputation"
 STREAM = "EVIDENCE"
@@ -273,28 +273,13 @@ class ReputationBook:
         return dict(zip(peers, found, strict=True))
 
     async def evidence(self, peer: str, limit: int = 100) -> list[tuple[Evidence | None, str]]:
-        """The latest evidence about *peer*, each verified: (evidence or None, problem).
-
-        Read with a pull consumer: pull requests are request/reply, which
-        crosses leaf links and gateways like any other request.
-        """
-        config = ConsumerConfig(
-            ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0, max_ack_pending=-1
-        )
-        sub = await self.js.pull_subscribe(f"{SUBJECT}.{peer}", durable=None, stream=STREAM, config=config)
+        """The latest evidence about *peer*, each verified: (evidence or None, problem)."""
         out: list[tuple[Evidence | None, str]] = []
-        try:
-            remaining = (await sub.consumer_info()).num_pending or 0
-            while remaining > 0:
-                msgs = await sub.fetch(min(remaining, 256), timeout=5)
-                remaining -= len(msgs)
-                for msg in msgs:
-                    try:
-                        out.append((open_statement(EVIDENCE_MAGIC, Evidence, "submitter", msg.data), ""))
-                    except Rejected as exc:
-                        out.append((None, str(exc)))
-        finally:
-            await sub.unsubscribe()
+        for msg in await read_subject(self.js, STREAM, f"{SUBJECT}.{peer}"):
+            try:
+                out.append((open_statement(EVIDENCE_MAGIC, Evidence, "submitter", msg.data), ""))
+            except Rejected as exc:
+                out.append((None, str(exc)))
         return out[-limit:]
 
 

@@ -21,7 +21,17 @@ from dataclasses import dataclass
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js.api import DiscardPolicy, Placement, StorageType, StreamConfig
+from nats.aio.msg import Msg
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    Placement,
+    PubAck,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -110,31 +120,68 @@ class MeshKV:
         headers = {"Nats-Msg-Id": uuid.uuid4().hex, **(extra or {})}
         if last is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.write_timeout
-        delay = 0.05
-        while True:
-            try:
-                ack = await self._js.publish(self._write_prefix + key, value, headers=headers)
-                return int(ack.seq)
-            except nats.js.errors.APIError as exc:
-                if exc.err_code == _WRONG_LAST_SEQUENCE:
-                    raise KeyExists(f"{self.bucket}/{key} is not at revision {last}") from None
-                if not isinstance(exc, nats.js.errors.ServiceUnavailableError):
-                    raise
-                problem: Exception = exc
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.js.errors.NoStreamResponseError,
-            ) as exc:
-                problem = exc
-            # 503 while a leader is elected, or no answer: retry with backoff
-            # (nats-py does not), within the write timeout.
-            if loop.time() + delay > deadline:
-                raise ConnectError(f"write to {self.bucket}/{key} not acknowledged: {problem}") from problem
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        try:
+            ack = await publish_retrying(
+                self._js, self._write_prefix + key, value, headers, self.write_timeout, f"write to {self.bucket}/{key}"
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                raise KeyExists(f"{self.bucket}/{key} is not at revision {last}") from None
+            raise
+        return int(ack.seq)
+
+
+#: 503 answers that are not transient: the stream is full (messages, bytes).
+FULL_STREAM_CODES = frozenset({10077, 10027, 10078})
+
+
+async def publish_retrying(
+    js: JetStreamContext, subject: str, data: bytes, headers: dict[str, str], timeout: float, what: str
+) -> PubAck:
+    """Publish to a stream, retrying 503 and missing answers with backoff (nats-py does not) within *timeout*.
+
+    Other API errors, and a full stream (also a 503), are raised for the
+    caller to interpret. Give *headers* a ``Nats-Msg-Id`` so a retry whose
+    first attempt was stored is deduplicated.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.05
+    while True:
+        try:
+            return await js.publish(subject, data, headers=headers)
+        except nats.js.errors.APIError as exc:
+            if not isinstance(exc, nats.js.errors.ServiceUnavailableError) or exc.err_code in FULL_STREAM_CODES:
+                raise
+            problem: Exception = exc
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as exc:
+            problem = exc
+        if loop.time() + delay > deadline:
+            raise ConnectError(f"{what} not acknowledged: {problem}") from problem
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+async def read_subject(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
+    """Every message of *subject* in *stream*, oldest first.
+
+    Read with an ephemeral pull consumer: pull requests are request/reply,
+    which crosses leaf links and gateways like any other request.
+    """
+    config = ConsumerConfig(
+        ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0, max_ack_pending=-1
+    )
+    sub = await js.pull_subscribe(subject, durable=None, stream=stream, config=config)
+    out: list[Msg] = []
+    try:
+        remaining = (await sub.consumer_info()).num_pending or 0
+        while remaining > 0:
+            msgs = await sub.fetch(min(remaining, 256), timeout=5)
+            remaining -= len(msgs)
+            out += msgs
+    finally:
+        await sub.unsubscribe()
+    return out
 
 
 def _kv_config(bucket: str, replicas: int, placement: str | None, history: int) -> StreamConfig:
