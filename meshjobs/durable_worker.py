@@ -110,6 +110,18 @@ class DurableRunner:
         if await self.durable.results.get(job_id) is not None:
             await msg.ack()  # done before (a redelivery after a crash): never run twice
             return
+        if attempt > self.config.max_attempts:
+            # Delivered more often than it was ever run to a failure: earlier
+            # runs took their worker down with them. Contain it unrun.
+            reason = f"delivered {attempt} times without finishing (it may crash its worker)"
+            await self._dead_letter(cap, msg, job_id, reason, attempt)
+            state = JobState(job_id, "dead", cap.name, envelope.submitter, digest(msg.data), self.worker.peer, attempt)
+            state.detail = reason
+            frame = self.worker._seal(job_id, digest(msg.data), ("error", None, ("DeadLetter", reason)))  # noqa: SLF001
+            await self.durable.store_result(job_id, frame)
+            await self.durable.put_state(state)
+            await msg.ack()
+            return
         state = JobState(job_id, "running", cap.name, envelope.submitter, digest(msg.data), self.worker.peer, attempt)
         await self.durable.put_state(state)
         keepalive = asyncio.create_task(self._in_progress(msg))

@@ -63,3 +63,12 @@ async def fix_me(flag: str) -> str:
     if not os.path.exists(flag):
         raise RuntimeError("not fixed yet")
     return "fixed"
+
+
+crasher = App("crasher")
+
+
+@crasher.capability("crash.me")
+async def crash_me() -> None:
+    """Takes its worker process down, every time."""
+    os._exit(70)

@@ -296,3 +296,22 @@ async def test_a_dead_job_can_be_redriven_by_its_submitter(
         assert out.returncode == 0 and out.stdout == '"fixed"\n', out.stderr
     finally:
         await nc.close()
+
+
+async def test_a_job_that_crashes_its_worker_is_contained(broker: NatsServer, identity: Identity, crew: Crew) -> None:
+    nc = await connect(broker.url, identity)
+    try:
+        durable = await Durable.open(nc)
+        job_id = await durable.submit(identity, "crash.me", {})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while await durable.result(job_id) is None and loop.time() < deadline:
+            if not crew.workers or crew.workers[-1].proc.poll() is not None:
+                crew.start(broker.url, "--max-attempts", "2", app="tests.apps:crasher")  # restart after each crash
+            await asyncio.sleep(0.2)
+        result, _ = await durable.wait(job_id, 1)
+        assert result.status == "error" and "without finishing" in (result.error.message if result.error else "")
+        assert [w.proc.returncode for w in crew.workers[:2]] == [70, 70]  # it crashed twice, then was contained
+        assert crew.workers[-1].proc.poll() is None
+    finally:
+        await nc.close()
