@@ -210,12 +210,17 @@ class Durable:
         return found
 
     async def list_states(self, limit: int = 50) -> list[JobState]:
-        try:
-            keys = await self.states._kv.keys()  # noqa: SLF001 - our own wrapper's KeyValue
-        except nats.js.errors.NoKeysError:
-            return []
-        found = [await self.state(k) for k in sorted(keys)[-limit:]]
-        return [s for s in found if s is not None]
+        """The latest state of the most recent jobs (job ids sort by time), oldest first."""
+        states = []
+        for msg in await read_subject(self.js, f"KV_{STATES}", f"$KV.{STATES}.>", last_per_subject=True):
+            if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
+                continue
+            try:
+                states.append(JobState(**json.loads(msg.data)))
+            except (ValueError, TypeError):
+                continue
+        states.sort(key=lambda s: s.job_id)
+        return states[-limit:]
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """Jobs in the dead-letter stream: job id, capability, reason, attempts."""

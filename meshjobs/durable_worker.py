@@ -95,6 +95,15 @@ class DurableRunner:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _handle(self, cap: Capability, msg: Msg) -> None:
+        try:
+            await self._handle_job(cap, msg)
+        except (nats.errors.Error, MeshError, TimeoutError) as exc:
+            # Mesh state unreachable for a moment (a leader election, a lost
+            # node): hand the job back to be delivered again shortly.
+            log.warning("handing a durable job back after a JetStream error: %s", exc)
+            await _quietly(msg.nak(delay=1.0))
+
+    async def _handle_job(self, cap: Capability, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered
         try:
             envelope = self.worker.verify(msg.data, msg.subject, cap, self.config.max_durable_validity)

@@ -162,14 +162,15 @@ async def publish_retrying(
         delay = min(delay * 2, 1.0)
 
 
-async def read_subject(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
-    """Every message of *subject* in *stream*, oldest first.
+async def read_subject(js: JetStreamContext, stream: str, subject: str, *, last_per_subject: bool = False) -> list[Msg]:
+    """Every message of *subject* in *stream* (or the last of each subject), oldest first.
 
     Read with an ephemeral pull consumer: pull requests are request/reply,
     which crosses leaf links and gateways like any other request.
     """
+    policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
     config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0, max_ack_pending=-1
+        ack_policy=AckPolicy.NONE, deliver_policy=policy, inactive_threshold=30.0, max_ack_pending=-1
     )
     sub = await js.pull_subscribe(subject, durable=None, stream=stream, config=config)
     out: list[Msg] = []
@@ -201,8 +202,10 @@ def _kv_config(bucket: str, replicas: int, placement: str | None, history: int) 
     )
 
 
-#: JetStream answers these when more replicas are asked for than it has servers.
-_TOO_FEW_SERVERS = {10074, 10023, 10005}
+#: JetStream answers this on a single server asked for more than one replica.
+#: (A cluster short of servers answers "insufficient resources" instead; that
+#: is retried, never taken as a reason to create under-replicated state.)
+_NOT_CLUSTERED = {10074}
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, timeout: float = 10.0) -> None:
@@ -224,12 +227,16 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, timeout: 
                 except nats.js.errors.BadRequestError as exc:
                     if exc.err_code == 10058:  # exists already (perhaps with other settings)
                         return
-                    if exc.err_code in _TOO_FEW_SERVERS and count != replicas[-1]:
+                    if exc.err_code == 10023:  # insufficient resources: a cluster still forming
+                        raise nats.js.errors.ServiceUnavailableError(err_code=10023) from exc
+                    if exc.err_code in _NOT_CLUSTERED and count != replicas[-1]:
                         continue
                     raise
                 except nats.js.errors.ServerError as exc:
-                    if exc.err_code in _TOO_FEW_SERVERS and count != replicas[-1]:
+                    if exc.err_code in _NOT_CLUSTERED and count != replicas[-1]:
                         continue
+                    if exc.err_code == 10023:
+                        raise nats.js.errors.ServiceUnavailableError(err_code=10023) from exc
                     raise
             return
         except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:

@@ -242,6 +242,8 @@ async def test_hub_node_kill_loses_no_job(tmp_path: Path, identity: Identity, cr
             durable = await Durable.open(nc)
             info = await durable.js.stream_info(STREAM)
             assert info.config.num_replicas == 3
+            for bucket in ("KV_results", "KV_nonces", "KV_jobs"):  # never under-replicated by a forming cluster
+                assert (await durable.js.stream_info(bucket)).config.num_replicas == 3
             leader = info.cluster.leader if info.cluster else "c-2"
             job_ids = [await durable.submit(identity, "chaos.work", {"n": i, "ms": 20}) for i in range(40)]
             mesh.started[leader].kill()  # SIGKILL by PID: the stream leader
