@@ -68,6 +68,9 @@ class DurableRunner:
             except (nats.errors.TimeoutError, TimeoutError):
                 self._free.release()
                 continue
+            except nats.errors.ConnectionClosedError:
+                self._free.release()
+                return  # the worker is gone; nothing to pull for
             except (nats.errors.Error, MeshError) as exc:
                 self._free.release()
                 log.warning("pulling %s failed: %s", cap.name, exc)

@@ -117,6 +117,7 @@ class Worker:
         self._draining = False
         self.board: QuarantineBoard | None = None
         self.durable: DurableRunner | None = None
+        self._setup: asyncio.Task[None] | None = None
         self.responder = ServiceResponder(
             self.instance_id,
             __version__,
@@ -159,20 +160,9 @@ class Worker:
                 self._subs.append(sub)
         await self.responder.start(nc)
         await nc.flush()
-        try:
-            self.board = await QuarantineBoard.open(nc, self.policy.operators)
-        except (MeshError, nats.errors.Error, TimeoutError) as exc:
-            log.warning("quarantine orders unavailable (no JetStream?): %s", exc)
-        if self.config.durable:
-            from .durable import Durable
-            from .durable_worker import DurableRunner
-
-            try:
-                self.durable = DurableRunner(self, await Durable.open(nc))
-                await self.durable.start()
-            except (MeshError, nats.errors.Error, TimeoutError) as exc:
-                self.durable = None
-                log.warning("durable jobs unavailable (no JetStream?): %s", exc)
+        # JetStream may be slow or away (an election, a lost node): serving
+        # core commands must not wait for it, and a SIGTERM must not either.
+        self._setup = asyncio.create_task(self._setup_jetstream(nc))
         self._heartbeat = asyncio.create_task(self._heartbeats())
         log.info(
             "worker %s (%s, %s) serving %s",
@@ -181,6 +171,29 @@ class Worker:
             self.app.kind,
             ", ".join(sorted(self.app.capabilities)),
         )
+
+    async def _setup_jetstream(self, nc: NATS) -> None:
+        """Watch quarantine orders and consume durable jobs, retrying until JetStream answers."""
+        from .durable import Durable
+        from .durable_worker import DurableRunner
+
+        warned = False
+        while self.board is None or (self.config.durable and self.durable is None):
+            runner = None
+            try:
+                if self.board is None:
+                    self.board = await QuarantineBoard.open(nc, self.policy.operators)
+                if self.config.durable and self.durable is None:
+                    runner = DurableRunner(self, await Durable.open(nc))
+                    await runner.start()
+                    self.durable = runner
+            except (MeshError, nats.errors.Error, TimeoutError) as exc:
+                if runner is not None:
+                    await runner.stop()
+                if not warned:
+                    log.warning("JetStream not available yet (quarantine orders, durable jobs): %s; retrying", exc)
+                    warned = True
+                await asyncio.sleep(5.0)
 
     def request_stop(self) -> None:
         """Ask :meth:`serve` to drain and return (safe from a signal handler)."""
@@ -215,6 +228,9 @@ class Worker:
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("could not drain a subscription cleanly: %s", exc)
         self._subs.clear()
+        if self._setup is not None and not self._setup.done():
+            self._setup.cancel()
+            await asyncio.gather(self._setup, return_exceptions=True)
         if self.durable is not None:
             await self.durable.stop()
         if self._tasks:
