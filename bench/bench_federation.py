@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import sys
 import tempfile
@@ -23,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import REPO, Child, drive_async, python  # noqa: E402
+from bench.harness import REPO, Child, demo_worker, drive_async, peer_home  # noqa: E402
 from meshjobs import Client  # noqa: E402
-from meshjobs.identity import IDENTITY_FILE, Identity, save_identity  # noqa: E402
+from meshjobs.identity import Identity  # noqa: E402
 from meshjobs.mesh import LocalMesh  # noqa: E402
 from meshjobs.topology import Topology, load_topology  # noqa: E402
 
@@ -49,8 +48,7 @@ def topology(ids: dict[str, Identity]) -> Topology:
 
 async def measure(top: Topology, ids: dict[str, Identity], homes: dict[str, Path], work: Path, n: int) -> dict:
     def worker(who: str, server: str) -> Child:
-        env = {**os.environ, "MESHJOBS_HOME": str(homes[who]), "MESHJOBS_SERVER": top.client_url(server)}
-        return Child([python(), "-m", "meshjobs", "worker", "workers.demo:app"], work / f"{who}.log", env)
+        return demo_worker(top.client_url(server), homes[who], work / f"{who}.log")
 
     lab, garage = worker("lab-worker", "lab"), worker("garage-worker", "garage")
     try:
@@ -78,11 +76,7 @@ def main() -> None:
     ids = {name: Identity.generate() for name in ("lab-worker", "lab-user", "garage-worker")}
     with tempfile.TemporaryDirectory(prefix="meshjobs-fed-") as tmp:
         work = Path(tmp)
-        homes = {}
-        for name, identity in ids.items():
-            homes[name] = work / name
-            save_identity(identity, homes[name] / IDENTITY_FILE)
-            (homes[name] / "trust.toml").write_text(f'[[peer]]\nkey = "{ids["lab-user"].public_key}"\n')
+        homes = {name: peer_home(work / name, identity, [ids["lab-user"].public_key]) for name, identity in ids.items()}
         top = topology(ids)
         mesh = LocalMesh(top, work / "state", detach=False)
         started = time.monotonic()

@@ -26,7 +26,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import REPO, Child, Sample, drive_async, drive_threads, peak_rss_mib, python, start_redis  # noqa: E402
+from bench.harness import (  # noqa: E402
+    REPO,
+    Child,
+    Sample,
+    demo_worker,
+    drive_async,
+    drive_threads,
+    peak_rss_mib,
+    peer_home,
+    python,
+    start_redis,
+)
 from meshjobs.broker import embedded, find_nats_server  # noqa: E402
 
 FULL = {
@@ -67,13 +78,10 @@ async def bench_raw(url: str, work: Path, counts: tuple[int, int], levels: list[
 
 async def bench_meshjobs(url: str, work: Path, counts: tuple[int, int], levels: list[int]) -> list[Sample]:
     from meshjobs import Client
-    from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
+    from meshjobs.identity import Identity
 
-    home = work / "home"
     identity = Identity.generate()
-    save_identity(identity, home / IDENTITY_FILE)
-    env = {**os.environ, "MESHJOBS_HOME": str(home), "MESHJOBS_SERVER": url}
-    worker = Child([python(), "-m", "meshjobs", "worker", "workers.demo:app"], work / "meshjobs-worker.log", env)
+    worker = demo_worker(url, peer_home(work / "home", identity), work / "meshjobs-worker.log")
     try:
         worker.wait_for("serving")
         async with await Client.connect(url, identity) as client:
@@ -90,17 +98,16 @@ async def bench_meshjobs(url: str, work: Path, counts: tuple[int, int], levels: 
 async def bench_routed(url: str, work: Path, counts: dict[str, tuple[int, int]], levels: list[int]) -> list[Sample]:
     """Routed rows: trust filter plus direct send (one worker), and --replicas 3 (three workers)."""
     from meshjobs import Client
-    from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
+    from meshjobs.identity import Identity
     from meshjobs.router import Constraints, Router
 
     submitter = Identity.generate()
-    workers = []
-    for n in range(3):
-        home = work / f"routed-{n}"
-        save_identity(Identity.generate(), home / IDENTITY_FILE)
-        (home / "trust.toml").write_text(f'[[peer]]\nkey = "{submitter.public_key}"\n')
-        env = {**os.environ, "MESHJOBS_HOME": str(home), "MESHJOBS_SERVER": url}
-        workers.append(Child([python(), "-m", "meshjobs", "worker", "workers.demo:app"], work / f"routed-{n}.log", env))
+    workers = [
+        demo_worker(
+            url, peer_home(work / f"routed-{n}", Identity.generate(), [submitter.public_key]), work / f"routed-{n}.log"
+        )
+        for n in range(3)
+    ]
     try:
         for worker in workers:
             worker.wait_for("serving")
@@ -140,14 +147,11 @@ async def bench_durable(url: str, work: Path, counts: tuple[int, int], levels: l
     """Durable rows: submit to the JOBS stream, one worker, until the signed result is stored and seen."""
     from meshjobs._nats import connect
     from meshjobs.durable import Durable
-    from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
+    from meshjobs.identity import Identity
     from meshjobs.state import Entry, watch_bucket
 
-    home = work / "durable"
     identity = Identity.generate()
-    save_identity(identity, home / IDENTITY_FILE)
-    env = {**os.environ, "MESHJOBS_HOME": str(home), "MESHJOBS_SERVER": url}
-    worker = Child([python(), "-m", "meshjobs", "worker", "workers.demo:app"], work / "durable.log", env)
+    worker = demo_worker(url, peer_home(work / "durable", identity), work / "durable.log")
     nc = await connect(url, identity)
     try:
         worker.wait_for("serving")

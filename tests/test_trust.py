@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -59,14 +58,9 @@ def workers(cast: Cast, tmp_path: Path) -> AsyncIterator[Callable[..., WorkerPro
     started: list[WorkerProcess] = []
 
     def start(name: str, app: str) -> WorkerProcess:
-        log = tmp_path / f"{name}.log"
-        with open(os.devnull, "rb") as devnull, log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "meshjobs", "worker", app, "--name", name],
-                env=cli_env(cast.homes[name], cast.url), cwd=REPO, stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        started.append(WorkerProcess(proc, log))
-        return started[-1]
+        worker = WorkerProcess.launch(app, cast.homes[name], cast.url, tmp_path / f"{name}.log", "--name", name)
+        started.append(worker)
+        return worker
 
     yield start  # type: ignore[misc]
     for worker in started:
