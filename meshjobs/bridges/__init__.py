@@ -1,0 +1,1 @@
+"""Bridges between meshjobs and other job systems (Celery)."""

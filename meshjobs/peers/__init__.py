@@ -1,0 +1,1 @@
+"""Kinds of peer beyond plain system workers: sandboxed, AI persona, human, hybrid."""
