@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import REPO, Child, demo_worker, drive_async, peer_home  # noqa: E402
 from meshjobs import Client  # noqa: E402
 from meshjobs.identity import Identity  # noqa: E402
-from meshjobs.mesh import LocalMesh  # noqa: E402
-from meshjobs.topology import Topology, load_topology  # noqa: E402
+from meshjobs.infra.mesh import LocalMesh  # noqa: E402
+from meshjobs.infra.topology import Topology, load_topology  # noqa: E402
 
 
 def ports(count: int) -> list[int]:

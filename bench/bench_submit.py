@@ -38,7 +38,7 @@ from bench.harness import (  # noqa: E402
     python,
     start_redis,
 )
-from meshjobs.broker import embedded, find_nats_server  # noqa: E402
+from meshjobs.infra.broker import embedded, find_nats_server  # noqa: E402
 
 FULL = {
     "raw": (5000, 40000),

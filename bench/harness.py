@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
-from meshjobs.policy import TRUST_FILE
+from meshjobs.trust.policy import TRUST_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from .errors import ConnectError
-from .identity import Identity
+from meshjobs.errors import ConnectError
+from meshjobs.identity import Identity
 
 log = logging.getLogger("meshjobs.nats")
 

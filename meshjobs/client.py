@@ -24,9 +24,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from ._nats import connect
-from .discovery import PeerInfo, discover
-from .envelope import (
+from meshjobs._nats import connect
+from meshjobs.discovery import PeerInfo, discover
+from meshjobs.envelope import (
     MAX_FRAME_BYTES,
     Result,
     digest,
@@ -36,7 +36,7 @@ from .envelope import (
     result_body,
     seal_envelope,
 )
-from .errors import (
+from meshjobs.errors import (
     RETRYABLE_REASONS,
     ConnectError,
     HandlerError,
@@ -46,8 +46,8 @@ from .errors import (
     Rejected,
     UsageError,
 )
-from .identity import Identity
-from .subjects import audience_for, check_capability
+from meshjobs.identity import Identity
+from meshjobs.subjects import audience_for, check_capability
 
 log = logging.getLogger("meshjobs.client")
 
@@ -216,7 +216,7 @@ class Client:
                     backoff = min(backoff * 2, 0.5)
                     continue
                 outcome = Outcome(result, result_frame, frame, capability, attempts, loop.time() - started)
-                return _settle(outcome)
+                return settle(outcome)
             if kind == "no_responders":
                 now = loop.time()
                 unanswered_since = unanswered_since or now
@@ -303,7 +303,7 @@ def _check_binding(result: Result, attempt: _Attempt) -> None:
         raise Rejected(Reason.RESULT_MISMATCH, "the result is for a different job")
 
 
-def _settle(outcome: Outcome) -> Outcome:
+def settle(outcome: Outcome) -> Outcome:
     """Return *outcome* if it succeeded, else raise the error its status means."""
     result = outcome.result
     error = result.error
@@ -322,7 +322,7 @@ def _settle(outcome: Outcome) -> Outcome:
 
 def parse_args(text: str | None) -> dict[str, Any]:
     """Parse the CLI's JSON_ARGS strictly; must be an object."""
-    from .envelope import loads_strict
+    from meshjobs.envelope import loads_strict
 
     if text is None or not text.strip():
         return {}

@@ -32,22 +32,24 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js.api import DiscardPolicy, Placement, RetentionPolicy, StreamConfig
 
-from .envelope import digest, new_job_id, now_ms, open_result, seal_envelope
-from .errors import JobTimeout, Reason, Rejected, UsageError
-from .identity import Identity
-from .state import (
+from meshjobs.client import Outcome, settle
+from meshjobs.envelope import digest, new_job_id, now_ms, open_result, seal_envelope
+from meshjobs.errors import JobTimeout, KeyExists, Reason, Rejected, UsageError
+from meshjobs.identity import Identity
+from meshjobs.state import (
     DOMAIN,
     FULL_STREAM_CODES,
-    KeyExists,
+    BucketSpec,
     MeshKV,
-    ensure_stream,
+    StateSpec,
+    StreamSpec,
     open_bucket,
+    provision,
     publish_retrying,
     read_subject,
 )
-from .subjects import check_capability
+from meshjobs.subjects import check_capability
 
 STREAM = "JOBS"
 SUBJECT = "mesh.jobs"
@@ -57,7 +59,21 @@ RESULTS = "results"
 NONCES = "nonces"
 STATES = "jobs"
 DEFAULT_MAX_JOBS = 1_000_000
-DEFAULT_TTL = 24 * 3600.0
+DEFAULT_TTL_S = 24 * 3600.0
+
+
+def state_specs(*, max_jobs: int = DEFAULT_MAX_JOBS, ttl_s: float = DEFAULT_TTL_S) -> tuple[StateSpec, ...]:
+    """The streams and buckets durable jobs need (a full queue refuses new jobs: discard-new)."""
+    return (
+        StreamSpec(STREAM, (f"{SUBJECT}.>",), max_age_s=ttl_s, work_queue=True, max_msgs=max_jobs),
+        StreamSpec(DLQ_STREAM, (f"{DLQ_SUBJECT}.>",), max_age_s=30 * 86400.0),
+        BucketSpec(RESULTS),
+        BucketSpec(NONCES),
+        BucketSpec(STATES),
+    )
+
+
+STATE = state_specs()
 
 
 def jobs_subject(capability: str) -> str:
@@ -105,38 +121,14 @@ class Durable:
         nc: NATS,
         *,
         max_jobs: int = DEFAULT_MAX_JOBS,
-        ttl: float = DEFAULT_TTL,
+        ttl_s: float = DEFAULT_TTL_S,
         replicas: int | None = None,
         placement: str | None = None,
     ) -> Durable:
         """Open (creating where missing) the job streams and buckets; existing ones keep their settings."""
-        js = nc.jetstream(domain=DOMAIN, timeout=5.0)
-        where = Placement(cluster=placement) if placement else None
-        await ensure_stream(
-            js,
-            StreamConfig(
-                name=STREAM,
-                subjects=[f"{SUBJECT}.>"],
-                retention=RetentionPolicy.WORK_QUEUE,
-                discard=DiscardPolicy.NEW,
-                max_msgs=max_jobs,
-                max_age=ttl,
-                duplicate_window=120.0,
-                num_replicas=replicas,
-                placement=where,
-            ),
-        )
-        dlq = StreamConfig(
-            name=DLQ_STREAM,
-            subjects=[f"{DLQ_SUBJECT}.>"],
-            max_age=30 * 86400.0,
-            num_replicas=replicas,
-            placement=where,
-        )
-        await ensure_stream(js, dlq)
-        results = await open_bucket(nc, RESULTS, replicas=replicas, placement=placement)
-        nonces = await open_bucket(nc, NONCES, replicas=replicas, placement=placement)
-        states = await open_bucket(nc, STATES, replicas=replicas, placement=placement)
+        specs = state_specs(max_jobs=max_jobs, ttl_s=ttl_s)
+        await provision(nc, specs, replicas=replicas, placement=placement)
+        results, nonces, states = [await open_bucket(nc, name, create=False) for name in (RESULTS, NONCES, STATES)]
         return cls(nc, results, nonces, states)
 
     # -- submitting -------------------------------------------------------------
@@ -148,7 +140,7 @@ class Durable:
         args: dict[str, Any],
         *,
         job_id: str | None = None,
-        ttl: float = DEFAULT_TTL,
+        ttl_s: float = DEFAULT_TTL_S,
         msg_id: str | None = None,
     ) -> str:
         """Queue a job; returns its id. Raises :class:`Rejected` (``queue_full``) when the queue is full."""
@@ -157,7 +149,7 @@ class Durable:
         subject = jobs_subject(capability)
         try:
             _, frame = seal_envelope(
-                identity, capability, args, audience=subject, job_id=job_id, ttl_ms=int(ttl * 1000)
+                identity, capability, args, audience=subject, job_id=job_id, ttl_ms=int(ttl_s * 1000)
             )
         except ValueError as exc:
             raise UsageError(f"arguments cannot be sent: {exc}") from None
@@ -240,7 +232,7 @@ class Durable:
 
     async def redrive(self, identity: Identity, job_id: str) -> str:
         """Queue a dead job again, re-signed by its submitter with the same job id and arguments."""
-        from .envelope import open_envelope
+        from meshjobs.envelope import open_envelope
 
         for item in await self.dead_letters(limit=100_000):
             if item["job_id"] != job_id:
@@ -273,9 +265,7 @@ class Durable:
             return False
 
 
-def settle(job_id: str, found: Any) -> Any:
-    """Raise what a stored final result means, like :func:`meshjobs.client._settle`."""
-    from .client import Outcome, _settle
-
+def settle_stored(job_id: str, found: Any) -> Any:
+    """Raise what a stored final result means, like :func:`meshjobs.client.settle`."""
     result, frame = found
-    return _settle(Outcome(result, frame, b"", f"job {job_id}", 1, 0.0))
+    return settle(Outcome(result, frame, b"", f"job {job_id}", 1, 0.0))

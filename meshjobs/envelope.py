@@ -27,9 +27,9 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import REASON_TEXT, Reason, Rejected
-from .identity import Identity, is_public_key, verify
-from .subjects import capability_problem
+from meshjobs.errors import REASON_TEXT, Reason, Rejected
+from meshjobs.identity import Identity, is_public_key, verify
+from meshjobs.subjects import capability_problem
 
 VERSION = 1
 ENVELOPE_MAGIC = b"MJ1E"

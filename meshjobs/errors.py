@@ -5,10 +5,13 @@ class carries the exit code the CLI uses for it, so the CLI never has to guess::
 
     MeshError                      exit 2 unless a subclass says otherwise
     ├── UsageError                 2  bad input: arguments, capability names, JSON
+    │   └── InvalidArguments       2  arguments do not match a handler's signature
     ├── IdentityError              2  key file missing, malformed, too open, too large
+    │   └── InvalidKey             2  text that is not a valid nkey (also a ValueError)
     ├── PolicyFileError            2  trust file malformed
     ├── BrokerError                2  the embedded nats-server could not start
     ├── ConnectError               3  no broker reachable at the given URL
+    ├── KeyExists                  2  a create or compare-and-set on mesh state lost the race
     ├── NoPeerError                3  nobody offers the capability
     ├── JobTimeout                 4  no final answer before the deadline
     ├── HandlerError               1  the handler ran and failed
@@ -103,10 +106,18 @@ class UsageError(MeshError):
     exit_code = 2
 
 
+class InvalidArguments(UsageError):
+    """The arguments did not match the handler's signature (exit 2 for the submitter)."""
+
+
 class IdentityError(MeshError):
     """A key file is missing, malformed, too large or readable by others."""
 
     exit_code = 2
+
+
+class InvalidKey(IdentityError, ValueError):
+    """Text that is not a well-formed nkey. Also a ValueError, so pydantic validators report it as one."""
 
 
 class PolicyFileError(MeshError):
@@ -125,6 +136,15 @@ class ConnectError(MeshError):
     """No NATS server could be reached."""
 
     exit_code = 3
+
+
+class KeyExists(MeshError):
+    """A create or compare-and-set lost: the key is not at the expected revision.
+
+    Callers catch it to retry or dedupe; it reaches a user only as a bug.
+    """
+
+    exit_code = 2
 
 
 class NoPeerError(MeshError):

@@ -25,7 +25,7 @@ from nacl.bindings import crypto_sign_seed_keypair
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from .errors import IdentityError
+from meshjobs.errors import IdentityError, InvalidKey
 
 # nkey prefix bytes (github.com/nats-io/nkeys): seeds start with "S", users with "U".
 _PREFIX_SEED = 18 << 3
@@ -57,7 +57,7 @@ def _unb32(text: str) -> bytes:
 def encode_public(raw: bytes) -> str:
     """Encode a 32-byte Ed25519 public key as a user nkey (``U...``)."""
     if len(raw) != 32:
-        raise ValueError("an Ed25519 public key is 32 bytes")
+        raise InvalidKey("an Ed25519 public key is 32 bytes")
     body = bytes([_PREFIX_USER]) + raw
     return _b32(body + _crc16(body))
 
@@ -65,17 +65,17 @@ def encode_public(raw: bytes) -> str:
 def decode_public(text: str) -> bytes:
     """Decode a user nkey to its 32 raw bytes, checking prefix and checksum.
 
-    Raises :class:`ValueError` with a short sentence when the text is not a
+    Raises :class:`InvalidKey` (a ValueError) with a short sentence when the text is not a
     valid user public key.
     """
     if not isinstance(text, str) or not _PUBLIC_RE.fullmatch(text):
-        raise ValueError("not a user public key (56 characters starting with U)")
+        raise InvalidKey("not a user public key (56 characters starting with U)")
     data = _unb32(text)
     body, crc = data[:-2], data[-2:]
     if _crc16(body) != crc:
-        raise ValueError("public key checksum does not match")
+        raise InvalidKey("public key checksum does not match")
     if body[0] != _PREFIX_USER:
-        raise ValueError("not a user public key")
+        raise InvalidKey("not a user public key")
     return body[1:]
 
 
@@ -93,7 +93,7 @@ def is_public_key(text: object) -> bool:
 def encode_seed(seed: bytes) -> str:
     """Encode a 32-byte Ed25519 seed as a user nkey seed (``SU...``)."""
     if len(seed) != 32:
-        raise ValueError("an Ed25519 seed is 32 bytes")
+        raise InvalidKey("an Ed25519 seed is 32 bytes")
     b1 = _PREFIX_SEED | (_PREFIX_USER >> 5)
     b2 = (_PREFIX_USER & 31) << 3
     body = bytes([b1, b2]) + seed
@@ -106,13 +106,13 @@ def decode_seed(text: str) -> bytes:
     nkeys 0.2.1 does not check the seed checksum; we always do.
     """
     if not _SEED_RE.fullmatch(text):
-        raise ValueError("not a user seed (58 characters starting with SU)")
+        raise InvalidKey("not a user seed (58 characters starting with SU)")
     data = _unb32(text)
     body, crc = data[:-2], data[-2:]
     if _crc16(body) != crc:
-        raise ValueError("seed checksum does not match")
+        raise InvalidKey("seed checksum does not match")
     if body[0] & 0xF8 != _PREFIX_SEED or ((body[0] & 7) << 5) | ((body[1] & 0xF8) >> 3) != _PREFIX_USER:
-        raise ValueError("not a user seed")
+        raise InvalidKey("not a user seed")
     return body[2:]
 
 

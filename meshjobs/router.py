@@ -28,12 +28,12 @@ from typing import Any
 
 import nats.errors
 
-from .client import Client, Outcome
-from .discovery import PeerInfo
-from .envelope import new_job_id
-from .errors import HandlerError, JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
-from .quarantine import QuarantineBoard
-from .reputation import Evidence, Kind, Record, ReputationBook
+from meshjobs.client import Client, Outcome
+from meshjobs.discovery import PeerInfo
+from meshjobs.envelope import new_job_id
+from meshjobs.errors import HandlerError, JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
+from meshjobs.trust.quarantine import QuarantineBoard
+from meshjobs.trust.reputation import Evidence, Kind, Record, ReputationBook
 
 DISCOVERY_TTL = 2.0
 log = logging.getLogger("meshjobs.router")

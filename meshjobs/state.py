@@ -15,8 +15,9 @@ import asyncio
 import dataclasses
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -29,21 +30,18 @@ from nats.js.api import (
     DiscardPolicy,
     Placement,
     PubAck,
+    RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from .errors import ConnectError, UsageError
+from meshjobs.errors import ConnectError, KeyExists, UsageError
 
 DOMAIN = "hub"
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _WRONG_LAST_SEQUENCE = 10071
-
-
-class KeyExists(Exception):
-    """A create or compare-and-set lost: the key is not at the expected revision."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +81,10 @@ class MeshKV:
         except nats.js.errors.KeyNotFoundError:
             return None
         return Entry(key, entry.value or b"", int(entry.revision or 0))
+
+    async def watchall(self) -> Any:
+        """A nats-py watcher over every key: current values, a ``None`` marker, then updates."""
+        return await self._kv.watchall()
 
     async def put(self, key: str, value: bytes) -> int:
         """Write *value*; returns the new revision."""
@@ -134,32 +136,43 @@ class MeshKV:
 #: 503 answers that are not transient: the stream is full (messages, bytes).
 FULL_STREAM_CODES = frozenset({10077, 10027, 10078})
 
+#: What JetStream answers while it elects leaders or a cluster forms: worth another try.
+TRANSIENT = (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError)
+
+T = TypeVar("T")
+
+
+async def retrying(op: Callable[[], Awaitable[T]], *, timeout: float, what: str, first_delay: float = 0.05) -> T:
+    """Run *op* until it succeeds, retrying :data:`TRANSIENT` failures with backoff within *timeout* seconds.
+
+    The one retry loop of mesh state: nats-py does not retry 503 from
+    JetStream. A full stream (also a 503) is not transient and is raised, as is
+    any other error; running out of time raises :class:`ConnectError`.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = first_delay
+    while True:
+        try:
+            return await op()
+        except (*TRANSIENT, nats.js.errors.NoStreamResponseError) as exc:
+            if isinstance(exc, nats.js.errors.APIError) and exc.err_code in FULL_STREAM_CODES:
+                raise
+            if loop.time() + delay > deadline:
+                raise ConnectError(f"{what}: JetStream did not answer: {exc}") from exc
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
 
 async def publish_retrying(
     js: JetStreamContext, subject: str, data: bytes, headers: dict[str, str], timeout: float, what: str
 ) -> PubAck:
-    """Publish to a stream, retrying 503 and missing answers with backoff (nats-py does not) within *timeout*.
+    """Publish to a stream, retrying 503 and missing answers (see :func:`retrying`).
 
-    Other API errors, and a full stream (also a 503), are raised for the
-    caller to interpret. Give *headers* a ``Nats-Msg-Id`` so a retry whose
-    first attempt was stored is deduplicated.
+    Give *headers* a ``Nats-Msg-Id`` so a retry whose first attempt was stored
+    is deduplicated.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    delay = 0.05
-    while True:
-        try:
-            return await js.publish(subject, data, headers=headers)
-        except nats.js.errors.APIError as exc:
-            if not isinstance(exc, nats.js.errors.ServiceUnavailableError) or exc.err_code in FULL_STREAM_CODES:
-                raise
-            problem: Exception = exc
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as exc:
-            problem = exc
-        if loop.time() + delay > deadline:
-            raise ConnectError(f"{what} not acknowledged: {problem}") from problem
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 1.0)
+    return await retrying(lambda: js.publish(subject, data, headers=headers), timeout=timeout, what=what)
 
 
 async def read_subject(js: JetStreamContext, stream: str, subject: str, *, last_per_subject: bool = False) -> list[Msg]:
@@ -185,102 +198,138 @@ async def read_subject(js: JetStreamContext, stream: str, subject: str, *, last_
     return out
 
 
-def _kv_config(bucket: str, replicas: int, placement: str | None, history: int) -> StreamConfig:
-    # The same settings nats-py's create_key_value uses, plus placement.
-    return StreamConfig(
-        name=f"KV_{bucket}",
-        subjects=[f"$KV.{bucket}.>"],
-        max_msgs_per_subject=history,
-        discard=DiscardPolicy.NEW,
-        storage=StorageType.FILE,
-        num_replicas=replicas,
-        placement=Placement(cluster=placement) if placement else None,
-        allow_rollup_hdrs=True,
-        deny_delete=True,
-        allow_direct=True,
-        duplicate_window=120.0,
-    )
+@dataclass(frozen=True)
+class StreamSpec:
+    """A stream of mesh state, declared by the module that owns it and created by :func:`provision`."""
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float = 0.0
+    work_queue: bool = False
+    max_msgs: int = -1
+    duplicate_window_s: float = 120.0
+
+    def config(self, replicas: int | None, placement: str | None) -> StreamConfig:
+        return StreamConfig(
+            name=self.name,
+            subjects=list(self.subjects),
+            retention=RetentionPolicy.WORK_QUEUE if self.work_queue else RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.NEW if self.work_queue else DiscardPolicy.OLD,
+            max_msgs=self.max_msgs,
+            max_age=self.max_age_s,
+            duplicate_window=self.duplicate_window_s,
+            num_replicas=replicas,
+            placement=Placement(cluster=placement) if placement else None,
+        )
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    """A KV bucket of mesh state. Its ``KV_<name>`` stream is ours to create (nats-py ignores placement)."""
+
+    name: str
+    history: int = 1
+
+    def config(self, replicas: int | None, placement: str | None) -> StreamConfig:
+        # The same settings nats-py's create_key_value uses, plus placement.
+        return StreamConfig(
+            name=f"KV_{self.name}",
+            subjects=[f"$KV.{self.name}.>"],
+            max_msgs_per_subject=self.history,
+            discard=DiscardPolicy.NEW,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            placement=Placement(cluster=placement) if placement else None,
+            allow_rollup_hdrs=True,
+            deny_delete=True,
+            allow_direct=True,
+            duplicate_window=120.0,
+        )
+
+
+StateSpec = StreamSpec | BucketSpec
 
 
 #: JetStream answers this on a single server asked for more than one replica.
 #: (A cluster short of servers answers "insufficient resources" instead; that
 #: is retried, never taken as a reason to create under-replicated state.)
 _NOT_CLUSTERED = {10074}
+_EXISTS = 10058
+_INSUFFICIENT_RESOURCES = 10023
+
+
+async def _add_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    replicas = [config.num_replicas] if config.num_replicas else [3, 1]
+    for count in replicas:
+        try:
+            await js.add_stream(dataclasses.replace(config, num_replicas=count))
+            return
+        except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as exc:
+            if exc.err_code == _EXISTS:  # exists already (perhaps with other settings, which it keeps)
+                return
+            if exc.err_code == _INSUFFICIENT_RESOURCES:  # a cluster still forming
+                raise nats.js.errors.ServiceUnavailableError(err_code=_INSUFFICIENT_RESOURCES) from exc
+            if exc.err_code in _NOT_CLUSTERED and count != replicas[-1]:
+                continue
+            raise
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, timeout: float = 10.0) -> None:
-    """Create *config*'s stream if missing; retry 503 with backoff within *timeout*.
+    """Create *config*'s stream if missing, retrying while JetStream is unavailable.
 
     ``num_replicas=None`` means three replicas where the cluster has the
     servers for it, one on a single server such as ``meshjobs up``.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    delay = 0.1
-    replicas = [config.num_replicas] if config.num_replicas else [3, 1]
-    while True:
-        try:
-            for count in replicas:
-                try:
-                    await js.add_stream(dataclasses.replace(config, num_replicas=count))
-                    return
-                except nats.js.errors.BadRequestError as exc:
-                    if exc.err_code == 10058:  # exists already (perhaps with other settings)
-                        return
-                    if exc.err_code == 10023:  # insufficient resources: a cluster still forming
-                        raise nats.js.errors.ServiceUnavailableError(err_code=10023) from exc
-                    if exc.err_code in _NOT_CLUSTERED and count != replicas[-1]:
-                        continue
-                    raise
-                except nats.js.errors.ServerError as exc:
-                    if exc.err_code in _NOT_CLUSTERED and count != replicas[-1]:
-                        continue
-                    if exc.err_code == 10023:
-                        raise nats.js.errors.ServiceUnavailableError(err_code=10023) from exc
-                    raise
-            return
-        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            if loop.time() + delay > deadline:
-                raise ConnectError(f"JetStream did not answer: {exc}") from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+    await retrying(lambda: _add_stream(js, config), timeout=timeout, what=f"creating {config.name}", first_delay=0.1)
+
+
+async def provision(
+    nc: NATS,
+    specs: Iterable[StateSpec],
+    *,
+    domain: str | None = DOMAIN,
+    replicas: int | None = None,
+    placement: str | None = None,
+    timeout: float = 10.0,
+) -> list[str]:
+    """Create every declared stream and bucket that is missing: the one place mesh state is created.
+
+    Existing ones keep their settings (an operator's ``meshjobs mesh up`` may
+    have provisioned them with other replicas and placement). Returns the names.
+    """
+    js = nc.jetstream(domain=domain, timeout=min(timeout, 2.0))
+    names = []
+    for spec in specs:
+        await ensure_stream(js, spec.config(replicas, placement), timeout=timeout)
+        names.append(spec.name)
+    return names
 
 
 async def open_bucket(
     nc: NATS,
-    bucket: str,
+    bucket: str | BucketSpec,
     *,
     domain: str | None = DOMAIN,
     replicas: int | None = 1,
     placement: str | None = None,
-    history: int = 1,
     create: bool = True,
     timeout: float = 10.0,
 ) -> MeshKV:
-    """Open (and by default create) a bucket of mesh state in the hub domain.
+    """Open a bucket of mesh state in the hub domain, provisioning it first unless *create* is false.
 
-    ``replicas=None`` picks three where the cluster allows, else one. JetStream
-    may answer 503 while a cluster elects leaders; that is retried with
-    backoff within *timeout*.
+    ``replicas=None`` picks three where the cluster allows, else one.
     """
-    if not _BUCKET_RE.match(bucket):
-        raise UsageError(f"invalid bucket name {bucket!r}")
-    js = nc.jetstream(domain=domain, timeout=min(timeout, 2.0))
+    spec = bucket if isinstance(bucket, BucketSpec) else BucketSpec(bucket)
+    if not _BUCKET_RE.match(spec.name):
+        raise UsageError(f"invalid bucket name {spec.name!r}")
     if create:
-        config = _kv_config(bucket, replicas or 0, placement, history)
-        await ensure_stream(js, dataclasses.replace(config, num_replicas=replicas), timeout=timeout)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    delay = 0.1
-    while True:
-        try:
-            kv = await js.key_value(bucket)
-            return MeshKV(js, kv, bucket, domain)
-        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            if loop.time() + delay > deadline:
-                raise ConnectError(f"JetStream in domain {domain!r} did not answer: {exc}") from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        await provision(nc, [spec], domain=domain, replicas=replicas, placement=placement, timeout=timeout)
+    js = nc.jetstream(domain=domain, timeout=min(timeout, 2.0))
+
+    async def lookup() -> MeshKV:
+        return MeshKV(js, await js.key_value(spec.name), spec.name, domain)
+
+    return await retrying(lookup, timeout=timeout, what=f"opening bucket {spec.name}", first_delay=0.1)
 
 
 async def watch_bucket(kv: MeshKV, on_entry: Callable[[Entry], None], ready: asyncio.Event) -> None:
@@ -290,7 +339,7 @@ async def watch_bucket(kv: MeshKV, on_entry: Callable[[Entry], None], ready: asy
     is restarted.
     """
     while True:
-        watcher = await kv._kv.watchall()  # noqa: SLF001 - our own wrapper's KeyValue
+        watcher = await kv.watchall()
         try:
             async for update in watcher:
                 if update is None:  # marks the end of the current values
@@ -302,6 +351,6 @@ async def watch_bucket(kv: MeshKV, on_entry: Callable[[Entry], None], ready: asy
             await asyncio.sleep(0.5)
         finally:
             try:
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await watcher.stop()
             except nats.errors.Error:
                 pass  # the connection is closing: nothing left to stop

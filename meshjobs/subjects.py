@@ -17,8 +17,8 @@ from __future__ import annotations
 import functools
 import re
 
-from .errors import UsageError
-from .identity import is_public_key
+from meshjobs.errors import UsageError
+from meshjobs.identity import is_public_key
 
 MAX_CAPABILITY_LENGTH = 128
 _TOKEN_RE = re.compile(r"[a-z0-9_-]+")

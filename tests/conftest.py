@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from meshjobs.broker import NatsServer, embedded
 from meshjobs.client import Client
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
+from meshjobs.infra.broker import NatsServer, embedded
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import sys
 
 from meshjobs._nats import connect
 from meshjobs.identity import Identity
-from meshjobs.reputation import ReputationBook
+from meshjobs.trust.reputation import ReputationBook
 
 
 async def main(url: str, seed: str, peer: str, count: int, tag: str) -> None:

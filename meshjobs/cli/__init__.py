@@ -1,0 +1,35 @@
+"""The ``meshjobs`` command line. Thin: parse, call the library, print one clear line.
+
+This module only builds the group and registers the commands; each command
+family lives in its own module and shares helpers through ``_common``.
+Nothing in the library imports from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from meshjobs._version import __version__
+from meshjobs.cli.demo import demo
+from meshjobs.cli.identity import keygen, show_id
+from meshjobs.cli.jobs import jobs
+from meshjobs.cli.mesh import broker, mesh
+from meshjobs.cli.serve import up, worker
+from meshjobs.cli.submit import peers, submit
+from meshjobs.cli.trust import quarantine, release, reputation
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meshjobs")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Run commands on a federated NATS mesh of peers, signed end to end."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+for command in (keygen, show_id, up, worker, submit, jobs, peers, reputation, quarantine, release, broker, mesh, demo):
+    main.add_command(command)

@@ -1,0 +1,134 @@
+"""What every command shares: home, servers, identity, running a coroutine, one-line failures.
+
+Environment variables are read here and nowhere else: ``MESHJOBS_SERVER``
+(default ``nats://127.0.0.1:4222``) and ``MESHJOBS_HOME`` (default
+``~/.meshjobs``), which holds the identity and the trust file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import nats.errors
+
+from meshjobs.client import Client
+from meshjobs.durable import settle_stored
+from meshjobs.envelope import result_body
+from meshjobs.errors import MeshError, UsageError
+from meshjobs.identity import IDENTITY_FILE, Identity, load_or_create
+from meshjobs.router import Router
+from meshjobs.runtime.app import App
+from meshjobs.trust.policy import TRUST_FILE, TrustPolicy, load_trust
+
+DEFAULT_SERVER = "nats://127.0.0.1:4222"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def home() -> Path:
+    return Path(os.environ.get("MESHJOBS_HOME") or Path.home() / ".meshjobs").expanduser()
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"meshjobs: {message}", err=True)
+    sys.exit(code)
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine; expected failures become one line and their exit code."""
+    try:
+        return asyncio.run(coro)
+    except MeshError as exc:
+        result = getattr(exc, "result", None)
+        if result is not None and getattr(click.get_current_context(), "meta", {}).get("json"):
+            click.echo(json.dumps(result.record(), indent=2))
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def guarded(func: F) -> F:
+    """Turn MeshError raised outside the event loop into one line and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MeshError as exc:
+            fail(str(exc), exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def server_option(func: F) -> F:
+    return click.option(
+        "--server",
+        envvar="MESHJOBS_SERVER",
+        default=DEFAULT_SERVER,
+        show_default=True,
+        help="NATS URL to connect to (env MESHJOBS_SERVER); comma-separate several.",
+    )(func)
+
+
+def identity_for_use() -> Identity:
+    """Load the peer identity, creating one on first use (said on stderr)."""
+    path = home() / IDENTITY_FILE
+    identity, created = load_or_create(path)
+    if created:
+        click.echo(f"meshjobs: created identity {identity.public_key} at {path}", err=True)
+    return identity
+
+
+def servers(value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:attr`` (the current directory is importable, as with celery -A)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"expected MODULE:ATTR (like workers.demo:app), got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise UsageError(f"{spec} is not a meshjobs App (got {type(app).__name__})")
+    return app
+
+
+def local_policy() -> TrustPolicy:
+    """This peer's trust file, if it has one."""
+    return load_trust(home() / TRUST_FILE, required=False)
+
+
+async def open_router(client: Client) -> Router | None:
+    """A router with reputation and quarantine, or None (with a warning) where JetStream is not reachable."""
+    try:
+        return await Router.open(client, local_policy().operators)
+    except (MeshError, nats.errors.Error, TimeoutError) as exc:
+        click.echo(f"meshjobs: warning: reputation and quarantine unavailable: {exc}", err=True)
+        return None
+
+
+def print_value(found: Any, as_json: bool, job_id: str) -> None:
+    """Print a stored result like `submit` does, raising what a failure means."""
+    result, frame = found
+    if as_json:
+        click.echo(
+            json.dumps({"job_id": job_id, "result": result_body(frame), "signed_result": frame.decode()}, indent=2)
+        )
+    settle_stored(job_id, found)
+    if not as_json:
+        click.echo(json.dumps(result.value, ensure_ascii=False))

@@ -1,0 +1,42 @@
+"""How a worker runs: one validated, frozen settings object shared by both runners.
+
+Durations carry their unit in the name (``_s``: seconds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshjobs.envelope import MAX_FRAME_BYTES
+from meshjobs.errors import UsageError
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker runs. Every field has a sensible default."""
+
+    concurrency: int = 16
+    max_pending: int = 1024
+    clock_skew_s: float = 60.0
+    max_validity_s: float = 3600.0
+    max_message_bytes: int = MAX_FRAME_BYTES
+    heartbeat_interval_s: float = 1.0
+    drain_timeout_s: float = 30.0
+    name: str | None = None
+    region: str = ""
+    community: str = ""
+    durable: bool = True
+    """Also consume durable jobs (JetStream), when the broker has JetStream."""
+    max_attempts: int = 5
+    """Runs of a durable job whose handler fails before it goes to the dead-letter queue."""
+    retry_delay_s: float = 1.0
+    """First delay before a failed durable job runs again; doubles each time."""
+    max_durable_validity_s: float = 7 * 86400.0
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "max_pending", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be at least 1")
+        for name in ("clock_skew_s", "max_validity_s", "heartbeat_interval_s", "drain_timeout_s"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} cannot be negative")

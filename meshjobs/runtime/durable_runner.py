@@ -1,0 +1,208 @@
+"""The worker side of durable jobs: pull, verify, run once, store the result, then ack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.client import JetStreamContext
+
+from meshjobs.durable import DLQ_SUBJECT, STREAM, Durable, JobState, consumer_name, jobs_subject
+from meshjobs.envelope import Envelope, digest
+from meshjobs.errors import MeshError, Rejected
+from meshjobs.identity import Identity
+from meshjobs.runtime.app import App, Capability
+from meshjobs.runtime.config import WorkerConfig
+from meshjobs.runtime.execute import Execution, execute, seal
+
+#: Checks a frame that arrived on a subject for a capability (every check but
+#: replay, which is mesh-wide here); the live worker's, so both paths agree.
+Verify = Callable[[bytes, str, Capability, float | None], Envelope]
+
+log = logging.getLogger("meshjobs.durable")
+ACK_WAIT = 5.0  # redelivery after a crash; in-progress acks keep long jobs alive
+
+
+class DurableRunner:
+    """Consumes the durable queue of every capability of a worker."""
+
+    def __init__(
+        self,
+        durable: Durable,
+        app: App,
+        identity: Identity,
+        config: WorkerConfig,
+        verify: Verify,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        self.durable = durable
+        self.app = app
+        self.identity = identity
+        self.peer = identity.public_key
+        self.config = config
+        self.verify = verify
+        self.slots = slots  # one concurrency limit for the live and the durable path
+        self.js: JetStreamContext = durable.js
+        self._loops: list[asyncio.Task[None]] = []
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._free = asyncio.Semaphore(self.config.concurrency)
+        self._stopping = asyncio.Event()
+        self.executions = 0
+
+    async def start(self) -> None:
+        for cap in self.app.capabilities.values():
+            config = ConsumerConfig(
+                durable_name=consumer_name(cap.name),
+                filter_subject=jobs_subject(cap.name),
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ACK_WAIT,
+                # A backstop: the worker moves a job to the dead-letter queue
+                # itself after max_attempts, before the server gives up on it.
+                max_deliver=self.config.max_attempts + 2,
+                max_ack_pending=max(self.config.concurrency * 4, 64),
+            )
+            sub = await self.js.pull_subscribe(
+                jobs_subject(cap.name), durable=consumer_name(cap.name), stream=STREAM, config=config
+            )
+            self._loops.append(asyncio.create_task(self._pull(cap, sub)))
+
+    async def _pull(self, cap: Capability, sub: JetStreamContext.PullSubscription) -> None:
+        while not self._stopping.is_set():
+            # Pull only what can start now: nothing fetched waits unacknowledged
+            # behind a busy worker, so a shutdown hands nothing back.
+            await self._free.acquire()
+            if self._stopping.is_set():
+                self._free.release()
+                return
+            try:
+                msgs = await sub.fetch(1, timeout=1.0)
+            except (nats.errors.TimeoutError, TimeoutError):
+                self._free.release()
+                continue
+            except nats.errors.ConnectionClosedError:
+                self._free.release()
+                return  # the worker is gone; nothing to pull for
+            except (nats.errors.Error, MeshError) as exc:
+                self._free.release()
+                log.warning("pulling %s failed: %s", cap.name, exc)
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(self._handle(cap, msg))
+                self._jobs.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._jobs.discard(task)
+        self._free.release()
+
+    async def stop(self) -> None:
+        """Stop pulling; finish what was pulled (or hand it back after the drain timeout)."""
+        self._stopping.set()
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._jobs:
+            done, pending = await asyncio.wait(set(self._jobs), timeout=self.config.drain_timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _handle(self, cap: Capability, msg: Msg) -> None:
+        try:
+            await self._handle_job(cap, msg)
+        except (nats.errors.Error, MeshError, TimeoutError) as exc:
+            # Mesh state unreachable for a moment (a leader election, a lost
+            # node): hand the job back to be delivered again shortly.
+            log.warning("handing a durable job back after a JetStream error: %s", exc)
+            await _quietly(msg.nak(delay=1.0))
+
+    async def _handle_job(self, cap: Capability, msg: Msg) -> None:
+        attempt = msg.metadata.num_delivered
+        try:
+            envelope = self.verify(msg.data, msg.subject, cap, self.config.max_durable_validity_s)
+        except Rejected as exc:
+            log.warning("terminating an invalid durable job: %s", exc)
+            await msg.term()  # never redelivered
+            return
+        job_id = envelope.job_id
+        if not await self.durable.record_nonce(envelope.submitter, envelope.nonce, job_id):
+            log.warning("terminating job %s: its nonce was used by another job (replay)", job_id)
+            await msg.term()
+            return
+        if await self.durable.results.get(job_id) is not None:
+            await msg.ack()  # done before (a redelivery after a crash): never run twice
+            return
+        if attempt > self.config.max_attempts:
+            # Delivered more often than it was ever run to a failure: earlier
+            # runs took their worker down with them. Contain it unrun.
+            reason = f"delivered {attempt} times without finishing (it may crash its worker)"
+            await self._dead_letter(cap, msg, job_id, reason, attempt)
+            state = JobState(job_id, "dead", cap.name, envelope.submitter, digest(msg.data), self.peer, attempt)
+            state.detail = reason
+            frame = seal(self.identity, job_id, digest(msg.data), Execution("error", None, ("DeadLetter", reason)))
+            await self.durable.store_result(job_id, frame)
+            await self.durable.put_state(state)
+            await msg.ack()
+            return
+        state = JobState(job_id, "running", cap.name, envelope.submitter, digest(msg.data), self.peer, attempt)
+        await self.durable.put_state(state)
+        keepalive = asyncio.create_task(self._in_progress(msg))
+        try:
+            async with self.slots:
+                self.executions += 1
+                execution = await execute(cap, envelope, self.peer)
+        except asyncio.CancelledError:
+            keepalive.cancel()
+            await _quietly(msg.nak())  # shutting down: hand it back at once
+            raise
+        finally:
+            keepalive.cancel()
+        status, _, error = execution
+        if status in ("error", "timeout") and attempt < self.config.max_attempts:
+            delay = self.config.retry_delay_s * 2 ** (attempt - 1)
+            state.state, state.detail = (
+                "queued",
+                f"attempt {attempt} failed: {(error or ('', ''))[1]}; retry in {delay:g} s",
+            )
+            await self.durable.put_state(state)
+            await msg.nak(delay=delay)
+            return
+        if status in ("error", "timeout"):
+            reason = f"failed {attempt} time(s); last: {(error or ('', ''))[0]}: {(error or ('', ''))[1]}"
+            await self._dead_letter(cap, msg, job_id, reason, attempt)
+            execution = Execution("error", None, ("DeadLetter", reason))
+            state.state, state.detail = "dead", reason
+        else:
+            state.state = "done" if status == "ok" else "failed"
+        frame = seal(self.identity, job_id, digest(msg.data), execution)
+        await self.durable.store_result(job_id, frame)  # created once: a concurrent run cannot overwrite it
+        await self.durable.put_state(state)
+        await msg.ack()
+
+    async def _dead_letter(self, cap: Capability, msg: Msg, job_id: str, reason: str, attempts: int) -> None:
+        headers = {
+            "Meshjobs-Job": job_id,
+            "Meshjobs-Reason": reason[:1000],
+            "Meshjobs-Attempts": str(attempts),
+            "Nats-Msg-Id": f"dlq.{job_id}.{attempts}",
+        }
+        await self.js.publish(f"{DLQ_SUBJECT}.{cap.name}", msg.data, headers=headers)
+        log.warning("job %s moved to the dead-letter queue: %s", job_id, reason)
+
+    async def _in_progress(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(ACK_WAIT / 3)
+            await _quietly(msg.in_progress())
+
+
+async def _quietly(action: object) -> None:
+    try:
+        await action  # type: ignore[misc]
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
+        log.debug("ack failed: %s", exc)

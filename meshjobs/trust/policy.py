@@ -1,0 +1,153 @@
+"""Who may run what on a worker, and whose quarantine orders count. Pure but for reading a file.
+
+The default policy trusts the worker's own key plus every key listed in the
+trust file (``$MESHJOBS_HOME/trust.toml``, or ``--trust FILE``)::
+
+    # Submitters this worker runs commands for. Its own key is always trusted.
+    [[peer]]
+    key = "UD3K..."                 # the submitter's public key, as `meshjobs id` prints it
+    name = "alice"                  # optional, display only
+    capabilities = ["demo.*"]       # optional: only these (default: every capability)
+
+    # Operators: their signed quarantine orders are honoured.
+    [[operator]]
+    key = "UAOP..."
+    name = "ops"
+
+Capability patterns use NATS wildcards on dot-separated tokens: ``*`` is one
+token, ``>`` (last) is one or more. Unknown fields are errors, so a typo never
+silently changes who is trusted.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshjobs.errors import PolicyFileError, Reason, Rejected
+from meshjobs.identity import decode_public
+
+TRUST_FILE = "trust.toml"
+MAX_TRUST_FILE_BYTES = 1024 * 1024
+
+
+def pattern_matches(pattern: str, capability: str) -> bool:
+    """NATS-style match of a capability pattern (``*`` one token, ``>`` the rest)."""
+    want, have = pattern.split("."), capability.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """Submitter keys a worker accepts envelopes from (optionally per capability), and operators."""
+
+    keys: frozenset[str]
+    names: dict[str, str] = field(default_factory=dict, compare=False)
+    capabilities: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    operators: frozenset[str] = frozenset()
+
+    def check(self, submitter: str, capability: str) -> None:
+        """Raise :class:`Rejected` unless *submitter* may run *capability*."""
+        if submitter not in self.keys:
+            raise Rejected(Reason.UNTRUSTED, f"submitter {submitter[:12]}… is not in this worker's trust list")
+        patterns = self.capabilities.get(submitter)
+        if patterns is not None and not any(pattern_matches(p, capability) for p in patterns):
+            raise Rejected(Reason.DENIED, f"submitter {submitter[:12]}… may not run {capability}")
+
+    def with_key(self, key: str, name: str | None = None) -> TrustPolicy:
+        """This policy plus *key*, trusted for every capability (a worker's own key)."""
+        names = dict(self.names)
+        if name:
+            names[key] = name
+        capabilities = {k: v for k, v in self.capabilities.items() if k != key}
+        return TrustPolicy(self.keys | {key}, names, capabilities, self.operators)
+
+
+_FIELDS = {"peer": {"key", "name", "capabilities"}, "operator": {"key", "name"}}
+
+
+def _entry(path: Path, section: str, index: int, raw: Any) -> tuple[str, str | None, tuple[str, ...] | None]:
+    where = f"{path}: {section} #{index + 1}"
+    if not isinstance(raw, dict):
+        raise PolicyFileError(f"{where}: each [[{section}]] must be a table")
+    unknown = set(raw) - _FIELDS[section]
+    if unknown:
+        allowed = ", ".join(sorted(_FIELDS[section]))
+        raise PolicyFileError(f"{where}: unknown field {sorted(unknown)[0]!r} (allowed: {allowed})")
+    key = raw.get("key")
+    if not isinstance(key, str):
+        raise PolicyFileError(f"{where}: 'key' is required and must be a string")
+    try:
+        decode_public(key)
+    except ValueError as exc:
+        raise PolicyFileError(f"{where}: key {key[:16]!r}: {exc}") from None
+    name = raw.get("name")
+    if name is not None and not isinstance(name, str):
+        raise PolicyFileError(f"{where}: 'name' must be a string")
+    patterns = raw.get("capabilities")
+    if patterns is not None:
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+            raise PolicyFileError(f"{where}: 'capabilities' must be a list of patterns like \"demo.*\"")
+        for pattern in patterns:
+            tokens = pattern.split(".")
+            if ">" in tokens[:-1] or any(not t for t in tokens):
+                raise PolicyFileError(f"{where}: bad capability pattern {pattern!r}")
+        patterns = tuple(patterns)
+    return key, name, patterns
+
+
+def parse_trust(text: str, path: Path) -> TrustPolicy:
+    """Parse the trust file format documented in this module."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyFileError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(data) - set(_FIELDS)
+    if unknown:
+        raise PolicyFileError(f"{path}: unknown section {sorted(unknown)[0]!r} (expected [[peer]] or [[operator]])")
+    keys: set[str] = set()
+    names: dict[str, str] = {}
+    capabilities: dict[str, tuple[str, ...]] = {}
+    operators: set[str] = set()
+    for section in ("peer", "operator"):
+        entries = data.get(section, [])
+        if not isinstance(entries, list):
+            raise PolicyFileError(f"{path}: '{section}' must be an array of tables ([[{section}]])")
+        for index, raw in enumerate(entries):
+            key, name, patterns = _entry(path, section, index, raw)
+            if name:
+                names[key] = name
+            if section == "operator":
+                operators.add(key)
+                continue
+            keys.add(key)
+            if patterns is not None:
+                capabilities[key] = patterns
+    return TrustPolicy(frozenset(keys), names, capabilities, frozenset(operators))
+
+
+def load_trust(path: Path, *, required: bool) -> TrustPolicy:
+    """Read a trust file. A missing file is an empty policy unless *required*."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_TRUST_FILE_BYTES + 1)
+    except FileNotFoundError:
+        if required:
+            raise PolicyFileError(f"trust file {path} does not exist") from None
+        return TrustPolicy(frozenset())
+    except OSError as exc:
+        raise PolicyFileError(f"cannot read trust file {path}: {exc.strerror}") from None
+    if len(data) > MAX_TRUST_FILE_BYTES:
+        raise PolicyFileError(f"trust file {path} is larger than {MAX_TRUST_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyFileError(f"trust file {path} is not UTF-8 text") from None
+    return parse_trust(text, path)
