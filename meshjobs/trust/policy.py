@@ -48,7 +48,7 @@ def pattern_matches(pattern: str, capability: str) -> bool:
 class TrustPolicy:
     """Submitter keys a worker accepts envelopes from (optionally per capability), and operators."""
 
-    keys: frozenset[str]
+    keys: frozenset[str] = frozenset()
     names: dict[str, str] = field(default_factory=dict, compare=False)
     capabilities: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
     operators: frozenset[str] = frozenset()
