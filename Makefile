@@ -21,6 +21,7 @@ demo: $(BIN)/meshjobs
 	$(BIN)/meshjobs demo
 
 test: lint
+	scripts/ensure-redis
 	$(BIN)/pytest -q
 
 bench: $(VENV)/.dev
