@@ -13,10 +13,12 @@ import sys
 import click
 
 from meshjobs._version import __version__
+from meshjobs.cli.celery_bridge import celery_bridge
 from meshjobs.cli.demo import demo
 from meshjobs.cli.identity import keygen, show_id
 from meshjobs.cli.jobs import jobs
 from meshjobs.cli.mesh import broker, mesh
+from meshjobs.cli.persona import persona
 from meshjobs.cli.serve import up, worker
 from meshjobs.cli.submit import peers, submit
 from meshjobs.cli.trust import quarantine, release, reputation
@@ -31,5 +33,7 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-for command in (keygen, show_id, up, worker, submit, jobs, peers, reputation, quarantine, release, broker, mesh, demo):
+COMMANDS = (keygen, show_id, up, worker, persona, celery_bridge, submit, jobs, peers)
+COMMANDS += (reputation, quarantine, release, broker, mesh, demo)
+for command in COMMANDS:
     main.add_command(command)
