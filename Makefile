@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean docker docker-stop
 
 $(BIN)/meshjobs: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,18 @@ $(VENV)/.dev: $(BIN)/meshjobs
 demo: $(BIN)/meshjobs
 	$(BIN)/meshjobs demo
 
-test: lint
+test: lint docker
 	scripts/ensure-redis
 	$(BIN)/pytest -q
+
+# A Docker engine for the sandbox tests (Debian's docker.io, started in the
+# background, stopped by PID with `make docker-stop`) and the offline test image.
+docker:
+	scripts/ensure-docker
+	scripts/build-sandbox-image
+
+docker-stop:
+	scripts/stop-docker
 
 bench: $(VENV)/.dev
 	scripts/ensure-redis
