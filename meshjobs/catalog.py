@@ -8,7 +8,8 @@ imports a job module.
 from __future__ import annotations
 
 from meshjobs import durable
+from meshjobs.runtime import ledger
 from meshjobs.state import StateSpec
 from meshjobs.trust import quarantine, reputation
 
-MESH_STATE: tuple[StateSpec, ...] = (*reputation.STATE, *quarantine.STATE, *durable.STATE)
+MESH_STATE: tuple[StateSpec, ...] = (*reputation.STATE, *quarantine.STATE, *durable.STATE, *ledger.STATE)

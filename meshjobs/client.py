@@ -105,6 +105,9 @@ class _Attempt:
     future: asyncio.Future[tuple[str, Any]]
     timer: asyncio.TimerHandle | None = None
     frame: bytes = field(default=b"", repr=False)
+    peer: str | None = None
+    """The only worker whose result this attempt accepts, when it was addressed to one."""
+    refused: int = 0
 
 
 class Client:
@@ -118,9 +121,13 @@ class Client:
         liveness: float = DEFAULT_LIVENESS,
         max_message_bytes: int = MAX_FRAME_BYTES,
         owns_connection: bool = False,
+        accept_workers: frozenset[str] | None = None,
     ) -> None:
         self.nc = nc
         self.identity = identity
+        #: Worker keys whose results are accepted (None: any worker the broker
+        #: delivered the request to). A result from another key is ignored.
+        self.accept_workers = accept_workers
         self.liveness = liveness
         self.max_message_bytes = max_message_bytes
         self._owns = owns_connection
@@ -195,6 +202,7 @@ class Client:
                 raise JobTimeout(f"{capability}: no result within {timeout:g} s (job {job_id}, {attempts} attempt(s))")
             attempts += 1
             issued = now_ms()
+            token = self._next_token()
             try:
                 _, frame = seal_envelope(
                     self.identity,
@@ -204,10 +212,11 @@ class Client:
                     job_id=job_id,
                     ttl_ms=max(expires_at - issued, 1),
                     issued_at=issued,
+                    reply=f"{self._prefix}.{token}",
                 )
             except ValueError as exc:
                 raise UsageError(f"arguments cannot be sent: {exc}") from None
-            kind, payload = await self._attempt(audience, frame, job_id, deadline)
+            kind, payload = await self._attempt(audience, frame, job_id, deadline, token, peer)
             if kind == "final":
                 result, result_frame = payload
                 if result.status == "rejected" and result.error and result.error.code in RETRYABLE_REASONS:
@@ -229,8 +238,6 @@ class Client:
             if kind == "lapsed":
                 log.info("job %s: no word from the worker for %.3g s, trying again", job_id, self.liveness)
                 continue
-            if kind == "forged":
-                raise payload
             raise JobTimeout(f"{capability}: no result within {timeout:g} s (job {job_id}, {attempts} attempt(s))")
 
     # -- plumbing ----------------------------------------------------------
@@ -240,11 +247,15 @@ class Client:
             self._sub = await self.nc.subscribe(self._prefix + ".*", cb=self._on_reply)
             await self.nc.flush()
 
-    async def _attempt(self, subject: str, frame: bytes, job_id: str, deadline: float) -> tuple[str, Any]:
-        loop = asyncio.get_running_loop()
+    def _next_token(self) -> str:
         self._counter += 1
-        token = str(self._counter)
-        attempt = _Attempt(job_id, digest(frame), deadline, loop.time(), loop.create_future(), frame=frame)
+        return str(self._counter)
+
+    async def _attempt(
+        self, subject: str, frame: bytes, job_id: str, deadline: float, token: str, peer: str | None
+    ) -> tuple[str, Any]:
+        loop = asyncio.get_running_loop()
+        attempt = _Attempt(job_id, digest(frame), deadline, loop.time(), loop.create_future(), frame=frame, peer=peer)
         self._attempts[token] = attempt
         self._arm(attempt)
         try:
@@ -286,14 +297,26 @@ class Client:
         try:
             result = open_result(msg.data, self.max_message_bytes)
             _check_binding(result, attempt)
+            self._check_worker(result, attempt)
         except Rejected as exc:
-            log.warning("job %s: refusing a result: %s", attempt.job_id, exc)
-            attempt.future.set_result(("forged", Rejected(exc.reason, f"result refused: {exc.message}")))
+            # A forged, foreign or junk reply never ends the attempt: the real
+            # answer may still come. Logged once per attempt, not per message.
+            attempt.refused += 1
+            if attempt.refused == 1:
+                log.warning("job %s: ignoring a reply: %s", attempt.job_id, exc)
             return
         if result.status == "running":
             attempt.last_heard = asyncio.get_running_loop().time()
             return
         attempt.future.set_result(("final", (result, msg.data)))
+
+
+    def _check_worker(self, result: Result, attempt: _Attempt) -> None:
+        if attempt.peer is not None and result.worker != attempt.peer:
+            who = f"the job went to {attempt.peer[:12]}… but {result.worker[:12]}… answered"
+            raise Rejected(Reason.RESULT_MISMATCH, who)
+        if self.accept_workers is not None and result.worker not in self.accept_workers:
+            raise Rejected(Reason.UNTRUSTED, f"results from {result.worker[:12]}… are not accepted by this submitter")
 
 
 def _check_binding(result: Result, attempt: _Attempt) -> None:

@@ -86,6 +86,10 @@ class Envelope(Wire):
     issued_at: int = Field(ge=0, description="milliseconds since the Unix epoch")
     expires_at: int = Field(ge=0, description="milliseconds since the Unix epoch")
     args: dict[str, Any]
+    reply: str | None = Field(default=None, max_length=256)
+    """The subject the answer must go to (the submitter's own inbox). A worker
+    answers a live envelope only there, so a captured envelope replayed with
+    another reply subject gets nothing back. None: durable jobs, no answer."""
 
     _key = field_validator("submitter")(_check_key)
 
@@ -277,6 +281,7 @@ def seal_envelope(
     job_id: str,
     ttl_ms: int,
     issued_at: int | None = None,
+    reply: str | None = None,
 ) -> tuple[dict[str, Any], bytes]:
     """Build and sign an envelope. Returns the body and the frame bytes to send.
 
@@ -295,11 +300,27 @@ def seal_envelope(
         "expires_at": issued + ttl_ms,
         "args": args,
     }
+    if reply is not None:
+        body["reply"] = reply
     try:
         Envelope.model_validate(body)
     except ValidationError as exc:
         raise ValueError(str(_schema_error(exc))) from None
     return body, _seal(ENVELOPE_MAGIC, identity, _dumps(body))
+
+
+def claimed_signer(data: bytes) -> str | None:
+    """The key a frame's header names, unverified: for cheap triage before any crypto.
+
+    Never trust it for anything but deciding how much work to spend on the
+    frame (a stranger's frame is refused without verifying its signature).
+    """
+    if len(data) <= HEADER_LEN or data[4:5] != b" " or data[5 + _KEY_LEN : 6 + _KEY_LEN] != b" ":
+        return None
+    try:
+        return data[5 : 5 + _KEY_LEN].decode("ascii")
+    except UnicodeDecodeError:
+        return None
 
 
 def open_envelope(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:

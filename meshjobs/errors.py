@@ -56,10 +56,11 @@ class Reason(enum.StrEnum):
     QUARANTINED = "quarantined"
     NO_QUORUM = "no_quorum"
     QUEUE_FULL = "queue_full"
+    UNAVAILABLE = "unavailable"
 
 
 #: Rejections a client may answer by trying again with the same job id.
-RETRYABLE_REASONS = frozenset({Reason.OVERLOADED, Reason.SHUTTING_DOWN})
+RETRYABLE_REASONS = frozenset({Reason.OVERLOADED, Reason.SHUTTING_DOWN, Reason.UNAVAILABLE})
 
 #: One human sentence per reason, used when nothing more specific is known.
 REASON_TEXT: dict[Reason, str] = {
@@ -84,6 +85,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.QUARANTINED: "the peer is quarantined",
     Reason.NO_QUORUM: "not enough peers agreed on the result",
     Reason.QUEUE_FULL: "the job queue is full",
+    Reason.UNAVAILABLE: "the worker cannot reach mesh state right now; try again",
 }
 
 

@@ -302,6 +302,9 @@ class Router:
         best = max(votes.values(), key=len, default=[])
         if len(best) < quorum:
             raise Rejected(Reason.NO_QUORUM, f"{len(best)} of the peers agreed; a quorum needs {quorum}")
+        if sum(len(group) == len(best) for group in votes.values()) > 1:
+            # A tie is no verdict: nobody was outvoted, so nobody is disputed.
+            raise Rejected(Reason.NO_QUORUM, f"two different results have {len(best)} agreeing peers each")
         winners = {peer for peer, _ in best}
         dissenters = [(peer, o) for group in votes.values() for peer, o in group if peer not in winners]
         for peer, outcome in best:

@@ -229,6 +229,8 @@ class BucketSpec:
 
     name: str
     history: int = 1
+    ttl_s: float = 0.0
+    """Keys older than this are dropped (0: kept)."""
 
     def config(self, replicas: int | None, placement: str | None) -> StreamConfig:
         # The same settings nats-py's create_key_value uses, plus placement.
@@ -236,6 +238,7 @@ class BucketSpec:
             name=f"KV_{self.name}",
             subjects=[f"$KV.{self.name}.>"],
             max_msgs_per_subject=self.history,
+            max_age=self.ttl_s,
             discard=DiscardPolicy.NEW,
             storage=StorageType.FILE,
             num_replicas=replicas,

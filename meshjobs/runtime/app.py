@@ -59,6 +59,8 @@ class Capability:
     context_param: str | None
     is_async: bool
     accepts_extra: bool = False
+    idempotent: bool = False
+    """Running it twice does no harm: a replayed envelope is refused per worker only, not claimed mesh-wide."""
 
     def bind(self, args: dict[str, Any]) -> dict[str, Any]:
         """Validate *args* against the signature. Raises :class:`InvalidArguments`."""
@@ -145,6 +147,7 @@ class App:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         deterministic: bool = False,
+        idempotent: bool = False,
         description: str | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as *name*. The function is returned unchanged."""
@@ -162,6 +165,7 @@ class App:
                 func=func,
                 timeout=float(timeout),
                 deterministic=deterministic,
+                idempotent=idempotent,
                 description=doc.splitlines()[0] if doc else "",
                 args_model=model,
                 context_param=context_param,

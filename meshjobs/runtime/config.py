@@ -32,9 +32,13 @@ class WorkerConfig:
     retry_delay_s: float = 1.0
     """First delay before a failed durable job runs again; doubles each time."""
     max_durable_validity_s: float = 7 * 86400.0
+    sender_rate: float = 2000.0
+    """Envelopes per second one submitter key may send this worker (burst: twice that)."""
+    refusal_rate: float = 100.0
+    """Signed rejections per second this worker sends at most; further junk is dropped unanswered."""
 
     def __post_init__(self) -> None:
-        for name in ("concurrency", "max_pending", "max_message_bytes"):
+        for name in ("concurrency", "max_pending", "max_message_bytes", "sender_rate", "refusal_rate"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1")
         for name in ("clock_skew_s", "max_validity_s", "heartbeat_interval_s", "drain_timeout_s"):

@@ -16,6 +16,7 @@ from typing import Any
 
 from meshjobs.errors import Reason, Rejected
 from meshjobs.runtime.execute import Execution
+from meshjobs.state import BucketSpec, StateSpec
 
 
 class ReplayGuard:
@@ -131,3 +132,15 @@ class JobTable:
             if not over and entry.keep_until_ms >= now_ms:
                 break
             self._drop(key)
+
+
+#: Mesh-wide claims of live envelopes' nonces, so a replayed envelope never
+#: runs twice anywhere in the mesh. Kept for two hours: longer than the
+#: longest validity a worker accepts for a live envelope (one hour) plus skew.
+CLAIMS = BucketSpec("claims", ttl_s=2 * 3600.0)
+STATE: tuple[StateSpec, ...] = (CLAIMS,)
+
+
+def claim_key(submitter: str, nonce: str) -> str:
+    """One key per (submitter, nonce): a hash, so keys stay short and valid KV tokens."""
+    return hashlib.sha256(f"{submitter}\0{nonce}".encode()).hexdigest()[:40]

@@ -34,13 +34,15 @@ from nats.nuid import NUID
 from meshjobs._nats import connect
 from meshjobs._version import __version__
 from meshjobs.discovery import Endpoint, ServiceResponder
-from meshjobs.envelope import Envelope, check_window, digest, now_ms, open_envelope
-from meshjobs.errors import MeshError, Reason, Rejected, UsageError
+from meshjobs.envelope import Envelope, check_window, claimed_signer, digest, now_ms, open_envelope
+from meshjobs.errors import RETRYABLE_REASONS, KeyExists, MeshError, Reason, Rejected, UsageError
 from meshjobs.identity import Identity
 from meshjobs.runtime.app import App, Capability
 from meshjobs.runtime.config import WorkerConfig
 from meshjobs.runtime.execute import RUNNING, Execution, execute, seal
-from meshjobs.runtime.ledger import JobEntry, JobTable, ReplayGuard
+from meshjobs.runtime.gate import Gate, SampledLog
+from meshjobs.runtime.ledger import CLAIMS, JobEntry, JobTable, ReplayGuard, claim_key
+from meshjobs.state import MeshKV, open_bucket
 from meshjobs.subjects import PEER_QUEUE, peer_subject, queue_subject
 from meshjobs.trust.policy import TrustPolicy
 from meshjobs.trust.quarantine import QuarantineBoard
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from meshjobs.runtime.durable_runner import DurableRunner
 
 log = logging.getLogger("meshjobs.runtime.worker")
+CLAIM_WAIT_S = 3.0  # how long a job waits for a just-started worker's claim store
 
 
 @dataclass
@@ -72,6 +75,15 @@ class Worker:
         self.peer = identity.public_key
         self.instance_id = NUID().next().decode()
         self.replays = ReplayGuard()
+        self.gate = Gate(
+            sender_rate=self.config.sender_rate,
+            sender_burst=2 * self.config.sender_rate,
+            refusal_rate=self.config.refusal_rate,
+            refusal_burst=2 * self.config.refusal_rate,
+        )
+        self.claims: MeshKV | None = None
+        self._claims_ready = asyncio.Event()
+        self._sampled = SampledLog(log)
         self.jobs = JobTable()
         self.rejected = 0
         self._nc: NATS | None = None
@@ -145,11 +157,14 @@ class Worker:
         from meshjobs.runtime.durable_runner import DurableRunner
 
         warned = False
-        while self.board is None or (self.config.durable and self.durable is None):
+        while self.board is None or self.claims is None or (self.config.durable and self.durable is None):
             runner = None
             try:
                 if self.board is None:
                     self.board = await QuarantineBoard.open(nc, self.policy.operators)
+                if self.claims is None:
+                    self.claims = await open_bucket(nc, CLAIMS, replicas=None)
+                    self._claims_ready.set()
                 if self.config.durable and self.durable is None:
                     runner = DurableRunner(
                         await Durable.open(nc), self.app, self.identity, self.config, self.verify, self._slots
@@ -163,6 +178,11 @@ class Worker:
                     log.warning("JetStream not available yet (quarantine orders, durable jobs): %s; retrying", exc)
                     warned = True
                 await asyncio.sleep(5.0)
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` has begun: the worker takes no new work."""
+        return self._draining
 
     def request_stop(self) -> None:
         """Ask :meth:`serve` to drain and return (safe from a signal handler)."""
@@ -253,11 +273,25 @@ class Worker:
 
     async def _receive(self, msg: Msg, cap: Capability) -> None:
         data, reply = msg.data, msg.reply
+        if claimed_signer(data) not in self.policy.keys and not self.gate.allow_refusal():
+            # A stranger's or a junk frame past the refusal budget: dropped
+            # before any crypto, unanswered (a flood buys nothing).
+            self._sampled.warning("flood", "dropping unanswered junk or frames from untrusted keys")
+            return
         request_digest = digest(data)
         try:
             envelope = self._admit(data, msg.subject, cap)
         except Rejected as exc:
             await self._refuse(reply, request_digest, None, exc)
+            return
+        if envelope.reply is not None and reply != envelope.reply:
+            # A captured envelope replayed with another reply subject: the
+            # answer would go where the submitter did not sign for. Never run.
+            self.rejected += 1
+            self._sampled.warning("reply", "dropping job %s: reply subject is not the signed one", envelope.job_id)
+            return
+        if not self.gate.allow_sender(envelope.submitter):
+            await self._refuse(reply, request_digest, envelope.job_id, Rejected(Reason.OVERLOADED))
             return
         key = (envelope.submitter, envelope.job_id)
         now = now_ms()
@@ -295,8 +329,8 @@ class Worker:
 
     async def _refuse(self, reply: str | None, request_digest: str, job_id: str | None, exc: Rejected) -> None:
         self.rejected += 1
-        log.warning("rejected %s: %s", job_id or "message", exc)
-        if reply:
+        self._sampled.warning(exc.code, "rejected %s: %s", job_id or "message", exc)
+        if reply and (exc.code in RETRYABLE_REASONS or self.gate.allow_refusal()):
             await self._publish(
                 reply, seal(self.identity, job_id, request_digest, Execution("rejected", error=(exc.code, exc.message)))
             )
@@ -312,8 +346,34 @@ class Worker:
 
     # -- running -----------------------------------------------------------
 
+    async def _claim(self, cap: Capability, envelope: Envelope) -> Rejected | None:
+        """Claim the envelope's nonce mesh-wide (unless the capability is idempotent): a replay runs nowhere."""
+        if cap.idempotent:
+            return None
+        if self.claims is None:
+            try:  # a worker just started: its JetStream setup is usually a moment away
+                await asyncio.wait_for(self._claims_ready.wait(), CLAIM_WAIT_S)
+            except TimeoutError:
+                return Rejected(Reason.UNAVAILABLE, "the mesh-wide replay claim store is not reachable yet")
+            if self.claims is None:
+                return Rejected(Reason.UNAVAILABLE, "the mesh-wide replay claim store is not reachable yet")
+        try:
+            await self.claims.create(claim_key(envelope.submitter, envelope.nonce), envelope.job_id.encode())
+        except KeyExists:
+            return Rejected(Reason.REPLAY, "this envelope was already accepted elsewhere in the mesh")
+        except (MeshError, nats.errors.Error, TimeoutError) as exc:
+            return Rejected(Reason.UNAVAILABLE, f"could not claim the job mesh-wide: {exc}")
+        return None
+
     async def _run(self, key: tuple[str, str], running: _Running, cap: Capability) -> None:
         envelope = running.envelope
+        refusal = await self._claim(cap, envelope)
+        if refusal is not None:
+            self._running.pop(key, None)
+            self.jobs.forget(key)
+            for reply, request_digest in running.entry.replies:
+                await self._refuse(reply, request_digest, envelope.job_id, refusal)
+            return
         try:
             async with self._slots:
                 execution = await execute(cap, envelope, self.peer)

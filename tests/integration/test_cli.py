@@ -16,7 +16,6 @@ import pytest
 
 from meshjobs.identity import IDENTITY_FILE, Identity, load_identity
 from meshjobs.infra.broker import NatsServer
-
 from tests.conftest import REPO, WorkerProcess, cli_env, meshjobs, wait_for_instances
 
 pytestmark = pytest.mark.integration

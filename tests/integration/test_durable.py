@@ -19,7 +19,6 @@ from meshjobs.identity import Identity
 from meshjobs.infra.broker import NatsServer, embedded
 from meshjobs.infra.mesh import LocalMesh
 from meshjobs.infra.topology import Topology
-
 from tests.conftest import WorkerProcess, cli_env, meshjobs
 from tests.integration.test_federation import free_ports
 

@@ -13,7 +13,6 @@ import pytest
 from meshjobs import Client
 from meshjobs.identity import IDENTITY_FILE, Identity, load_identity, save_identity
 from meshjobs.infra.broker import NatsServer, embedded
-
 from tests.conftest import WorkerProcess, cli_env, meshjobs, wait_for_instances
 
 pytestmark = pytest.mark.integration

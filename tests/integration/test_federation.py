@@ -19,7 +19,6 @@ from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.infra.mesh import LocalMesh
 from meshjobs.infra.topology import Topology, load_topology
 from meshjobs.state import open_bucket
-
 from tests.conftest import REPO, WorkerProcess, cli_env, meshjobs
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,6 @@ from meshjobs.infra.broker import NatsServer
 from meshjobs.router import Constraints, Router
 from meshjobs.trust.quarantine import issue_order
 from meshjobs.trust.reputation import QUARANTINE_SCORE, ReputationBook
-
 from tests.conftest import REPO, WorkerProcess, cli_env, meshjobs
 
 pytestmark = pytest.mark.integration

@@ -256,8 +256,8 @@ async def test_long_job_outlives_liveness_through_heartbeats(rig: Rig) -> None:
     assert rig.runs.count({"slow": 1.5}) == 1
 
 
-async def test_forged_result_is_refused_by_the_submitter(broker: NatsServer) -> None:
-    """A rogue responder answers with results that are not bound to the request."""
+async def test_forged_result_is_refused_by_the_submitter(broker: NatsServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A rogue responder answers with results that are not bound to the request: ignored, never printed."""
     cap = f"t{secrets.token_hex(4)}.rogue"
     rogue = Identity.generate()
     nc = await nats.connect(broker.url)
@@ -284,10 +284,12 @@ async def test_forged_result_is_refused_by_the_submitter(broker: NatsServer) -> 
                 ("tamper", Reason.BAD_SIGNATURE),
                 ("job", Reason.RESULT_MISMATCH),
             ]:
-                with pytest.raises(Rejected) as info:
-                    await client.submit(cap, {"mode": mode}, timeout=5)
-                assert info.value.reason == reason
-                assert info.value.exit_code == 5
+                caplog.clear()
+                # A junk reply does not end the attempt: the real answer may
+                # still come. Here none does, so the deadline ends it.
+                with pytest.raises(JobTimeout):
+                    await client.submit(cap, {"mode": mode}, timeout=1)
+                assert f"[{reason.value}]" in caplog.text
     finally:
         await nc.close()
 

@@ -1,0 +1,249 @@
+"""Trust routing without a server: who qualifies, in what order, fallback, and the redundancy vote.
+
+The router gets in-memory peers, records and a quarantine board fed real
+signed orders. Its client is a stand-in that is honest about what matters:
+each job is a real signed envelope, each "worker" verifies it and signs its
+answer with its own key, and the answer is verified and settled by the real
+code before the router sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from meshjobs.client import Outcome, settle
+from meshjobs.discovery import PeerInfo
+from meshjobs.envelope import (
+    QUARANTINE_MAGIC,
+    digest,
+    now_ms,
+    open_envelope,
+    open_result,
+    seal_envelope,
+    seal_result,
+    seal_statement,
+)
+from meshjobs.errors import JobTimeout, NoPeerError, Reason, Rejected, UsageError
+from meshjobs.identity import Identity
+from meshjobs.router import Constraints, Router, result_digest
+from meshjobs.state import Entry
+from meshjobs.subjects import audience_for
+from meshjobs.trust.quarantine import Order, QuarantineBoard
+from meshjobs.trust.reputation import Evidence, Record, ReputationBook
+
+ALICE = Identity.generate()
+OPERATOR = Identity.generate()
+KEYS = {name: Identity.generate() for name in "abcde"}
+PEERS = {name: key.public_key for name, key in KEYS.items()}
+NAMES = {key: name for name, key in PEERS.items()}
+
+
+def info(name: str, *, region: str = "eu", kind: str = "system", deterministic: bool = True) -> PeerInfo:
+    caps = ("demo.add",)
+    return PeerInfo(PEERS[name], name, kind, region, "", f"i-{name}", "1", caps, caps if deterministic else ())
+
+
+def record(name: str, alpha: float = 0.0, beta: float = 0.0, latency: float | None = None, bad: int = 0) -> Record:
+    # updated_ms=0: no decay, so score() is exactly (alpha+1)/(alpha+beta+2).
+    return Record(peer=PEERS[name], alpha=alpha, beta=beta, latency_ms=latency, counts={"failure": bad})
+
+
+class FakeClient:
+    """Runs each job "on" the named peer: real envelope, real worker signature, real verification."""
+
+    def __init__(self, peers: list[PeerInfo], answers: dict[str, Any]) -> None:
+        self.identity = ALICE
+        self._peers = peers
+        self.answers = answers  # name -> value, ("error", message) or JobTimeout
+        self.asked: list[str] = []
+
+    async def peers(self, *, timeout: float, capability: str | None = None) -> list[PeerInfo]:
+        return self._peers
+
+    async def submit(self, capability: str, args: dict[str, Any], *, peer: str, job_id: str, **kw: Any) -> Outcome:
+        name = NAMES[peer]
+        self.asked.append(name)
+        _, request = seal_envelope(ALICE, capability, args, audience=audience_for(capability, peer), job_id=job_id,
+                                   ttl_ms=30_000)  # fmt: skip
+        envelope = open_envelope(request)  # what the worker checks first
+        answer = self.answers[name]
+        if answer is JobTimeout:
+            raise JobTimeout(f"{capability}: no result")
+        failed = isinstance(answer, tuple)
+        frame = seal_result(
+            KEYS[name],
+            request_digest=digest(request),
+            job_id=envelope.job_id,
+            status="error" if failed else "ok",
+            value=None if failed else answer,
+            error=("RuntimeError", answer[1]) if failed else None,
+        )
+        return settle(Outcome(open_result(frame), frame, request, capability, 1, 0.004))
+
+
+class FakeBook:
+    """Records in memory; evidence built by the real method, kept instead of stored."""
+
+    def __init__(self, records: list[Record]) -> None:
+        self.identity = ALICE
+        self._records = {r.peer: r for r in records}
+        self.stored: list[Evidence] = []
+
+    async def records(self, peers: list[str]) -> dict[str, Record]:
+        return {p: self._records.get(p) or Record(peer=p) for p in peers}
+
+    def evidence_for(self, *args: Any, **kw: Any) -> Evidence:
+        return ReputationBook.evidence_for(self, *args, **kw)  # type: ignore[arg-type]  # needs only .identity
+
+    async def store(self, batch: list[Evidence]) -> dict[str, Record]:
+        self.stored.extend(batch)
+        return {}
+
+
+def ranked(*names: str) -> list[Record]:
+    """Records that rank *names* in this order: scores 0.9, 0.7, 0.5, 0.3."""
+    return [record(n, *ab) for n, ab in zip(names, [(9, 0), (1, 0), (0, 0), (0, 1)], strict=False)]
+
+
+def router(
+    peers: list[PeerInfo], records: Sequence[Record] = (), answers: dict[str, Any] | None = None, **orders: str
+) -> Router:
+    board = QuarantineBoard(None, frozenset({OPERATOR.public_key}))  # type: ignore[arg-type]  # kv unused: no watch
+    for name, signer in orders.items():
+        order = Order(version=1, peer=PEERS[name], action="quarantine", reason="test", operator=signer, at_ms=now_ms())
+        signing_key = OPERATOR if signer == OPERATOR.public_key else ALICE
+        # As the bucket watch delivers it: verified, and honoured only from an operator.
+        board._on_entry(Entry(PEERS[name], seal_statement(QUARANTINE_MAGIC, signing_key, order), 1))
+    client = FakeClient(peers, answers or {})
+    return Router(client, FakeBook(list(records)), board)  # type: ignore[arg-type]
+
+
+def stored(r: Router) -> list[Evidence]:
+    return r.book.stored  # type: ignore[attr-defined, no-any-return]  # the FakeBook's
+
+
+def asked(r: Router) -> list[str]:
+    return r.client.asked  # type: ignore[attr-defined, no-any-return]  # the FakeClient's
+
+
+def evidence(r: Router) -> list[tuple[str, str]]:
+    return sorted((NAMES[e.peer], e.kind) for e in stored(r))
+
+
+# -- who qualifies ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("constraints", "peer", "reason"),
+    [
+        (Constraints(), info("a"), None),
+        (Constraints(region="eu"), info("a"), None),
+        (Constraints(region="us"), info("a"), "region eu is not us"),
+        (Constraints(region="us"), info("a", region=""), "region - is not us"),
+        (Constraints(kind="ai"), info("a"), "kind system is not ai"),
+        (Constraints(peer=PEERS["b"]), info("a"), "not the requested peer"),
+        (Constraints(peer=PEERS["a"]), info("a"), None),
+        (Constraints(min_trust=0.5), info("a"), None),
+        (Constraints(min_trust=0.51), info("a"), "score 0.50 is below 0.51"),
+    ],
+)
+def test_constraints_admit(constraints: Constraints, peer: PeerInfo, reason: str | None) -> None:
+    assert constraints.admits(peer, record("a")) == reason
+
+
+async def test_candidates_are_filtered_and_ranked() -> None:
+    peers = [info("a"), info("b"), info("c"), info("d", region="us"), info("a")]
+    peers.append(PeerInfo(PEERS["e"], "e", "system", "eu", "", "i-e", "1", ("other.cap",)))
+    # a scores 0.91 and c 0.86: the same to one decimal, so the faster c goes first.
+    records = [record("a", alpha=9, latency=50), record("b"), record("c", alpha=5, latency=5)]
+    found = await router(peers, records).candidates("demo.add", Constraints(region="eu"))
+    assert [NAMES[c.peer] for c in found] == ["c", "a", "b"]  # one entry per peer, d and e left out
+
+
+async def test_quarantined_peers_are_never_candidates() -> None:
+    peers = [info(n) for n in "abcd"]
+    records = [record("a", alpha=50), record("b", beta=10, bad=3), record("c", beta=10, bad=2)]
+    # a: ordered out by an operator; d: an order signed by a non-operator is ignored.
+    r = router(peers, records, a=OPERATOR.public_key, d=ALICE.public_key)
+    found = await r.candidates("demo.add", Constraints())
+    assert sorted(NAMES[c.peer] for c in found) == ["c", "d"]  # b quarantined itself by its record
+    assert not await r.candidates("demo.add", Constraints(peer=PEERS["a"]))
+
+
+async def test_equal_peers_share_the_load() -> None:
+    r = router([info("a"), info("b")])
+    firsts = {NAMES[(await r.candidates("demo.add", Constraints()))[0].peer] for _ in range(64)}
+    assert firsts == {"a", "b"}
+
+
+def test_result_digest_compares_status_and_value_only() -> None:
+    def done(name: str, value: Any, status: str = "ok") -> Outcome:
+        frame = seal_result(KEYS[name], request_digest="0" * 64, job_id="job-0000000001", status=status, value=value)
+        return Outcome(open_result(frame), frame, b"", "demo.add", 1, 0.0)
+
+    assert result_digest(done("a", {"x": 1, "y": [2]})) == result_digest(done("b", {"y": [2], "x": 1}))
+    assert result_digest(done("a", 5)) != result_digest(done("b", 6))
+    assert result_digest(done("a", None)) != result_digest(done("a", None, status="error"))
+
+
+# -- fallback ------------------------------------------------------------------------
+
+
+async def test_a_failure_falls_back_to_the_next_peer_and_is_reported() -> None:
+    peers = [info("a"), info("b"), info("c")]
+    r = router(peers, ranked("a", "b", "c"), answers={"a": ("error", "boom"), "b": JobTimeout, "c": 5})
+    done = await r.submit("demo.add", {"a": 2, "b": 3}, timeout=5)
+    await r.flush()
+    assert done.outcome.value == 5 and done.outcome.worker == PEERS["c"]
+    assert [(NAMES[t.peer], t.outcome) for t in done.trace] == [("a", "failure"), ("b", "timeout"), ("c", "success")]
+    assert evidence(r) == [("a", "failure"), ("b", "timeout"), ("c", "success")]
+    failure = next(e for e in stored(r) if e.kind == "failure")
+    assert open_result((failure.result or "").encode()).worker == PEERS["a"]  # the worker's own signed failure
+
+
+async def test_nobody_qualified_is_no_peer() -> None:
+    with pytest.raises(NoPeerError) as caught:
+        await router([info("a")]).submit("demo.add", constraints=Constraints(kind="human"))
+    assert caught.value.exit_code == 3
+
+
+# -- the redundancy vote ---------------------------------------------------------------
+
+
+async def test_the_majority_wins_and_the_dissenter_is_disputed() -> None:
+    r = router([info(n) for n in "abc"], ranked("a", "b", "c"), answers={"a": 5, "b": 6, "c": 5})
+    done = await r.submit_redundant("demo.add", {"a": 2}, replicas=3, quorum=2)
+    await r.flush()
+    assert done.outcome.value == 5 and done.agreeing == sorted([PEERS["a"], PEERS["c"]])
+    assert done.dissenting == [PEERS["b"]]
+    assert evidence(r) == [("a", "success"), ("b", "disputed"), ("c", "success")]
+    disputed = next(e for e in stored(r) if e.kind == "disputed")
+    assert open_result((disputed.result or "").encode()).value == 6 and "outvoted by 2" in disputed.detail
+
+
+async def test_more_peers_are_asked_until_a_quorum_agrees() -> None:
+    answers = {"a": 5, "b": ("error", "boom"), "c": 6, "d": 5}
+    r = router([info(n) for n in "abcd"], ranked("a", "b", "c", "d"), answers=answers)
+    done = await r.submit_redundant("demo.add", replicas=2, quorum=2)
+    await r.flush()
+    assert asked(r) == ["a", "b", "c", "d"] and done.outcome.value == 5
+    assert evidence(r) == [("a", "success"), ("b", "failure"), ("c", "disputed"), ("d", "success")]
+
+
+async def test_no_quorum_is_refused() -> None:
+    r = router([info(n) for n in "ab"], ranked("a", "b"), answers={"a": 5, "b": 6})
+    with pytest.raises(Rejected) as caught:
+        await r.submit_redundant("demo.add", replicas=2, quorum=2)
+    assert caught.value.reason is Reason.NO_QUORUM and caught.value.exit_code == 5
+
+
+async def test_only_deterministic_peers_vote() -> None:
+    r = router([info("a"), info("b", deterministic=False)], answers={"a": 5, "b": 5})
+    with pytest.raises(NoPeerError, match="a quorum needs 2"):
+        await r.submit_redundant("demo.add", replicas=2, quorum=2)
+    with pytest.raises(UsageError):
+        await r.submit_redundant("demo.add", replicas=2, quorum=3)
+    assert asked(r) == []
