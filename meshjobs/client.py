@@ -310,7 +310,6 @@ class Client:
             return
         attempt.future.set_result(("final", (result, msg.data)))
 
-
     def _check_worker(self, result: Result, attempt: _Attempt) -> None:
         if attempt.peer is not None and result.worker != attempt.peer:
             who = f"the job went to {attempt.peer[:12]}… but {result.worker[:12]}… answered"

@@ -17,7 +17,6 @@ import binascii
 import os
 import re
 import secrets
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from nacl.bindings import crypto_sign_seed_keypair
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from meshjobs._files import read_local_file
 from meshjobs.errors import IdentityError, InvalidKey
 
 # nkey prefix bytes (github.com/nats-io/nkeys): seeds start with "S", users with "U".
@@ -181,29 +181,12 @@ class Identity:
         return self.sign(nonce.encode("ascii"))
 
 
-def _check_private(path: Path, mode: int) -> None:
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise IdentityError(
-            f"{path} is accessible by other users (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
-        )
-
-
 def load_identity(path: Path) -> Identity:
-    """Read a key file: must be a regular file, private (0600), small, one seed."""
+    """Read a key file: a regular file (not a symbolic link, FIFO or device), yours, 0600, small, one seed."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        data = read_local_file(path, what="key file", max_bytes=MAX_KEY_FILE_BYTES, care="private", error=IdentityError)
     except FileNotFoundError:
         raise IdentityError(f"no identity at {path}; create one with: meshjobs keygen") from None
-    except OSError as exc:
-        raise IdentityError(f"cannot read {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise IdentityError(f"{path} is not a regular file")
-        _check_private(path, info.st_mode)
-        data = handle.read(MAX_KEY_FILE_BYTES + 1)
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise IdentityError(f"{path} is larger than {MAX_KEY_FILE_BYTES} bytes; it is not a key file")
     try:
         text = data.decode("ascii").strip()
     except UnicodeDecodeError:
@@ -217,7 +200,7 @@ def load_identity(path: Path) -> Identity:
 def save_identity(identity: Identity, path: Path, *, overwrite: bool = False) -> None:
     """Write a key file atomically with mode 0600; never replaces one unless asked."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise IdentityError(f"{path} already exists; use --force to replace it")
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
@@ -245,12 +228,12 @@ def load_or_create(path: Path) -> tuple[Identity, bool]:
     Returns ``(identity, created)``. Safe against a concurrent creator: the
     loser of the race loads the winner's key.
     """
-    if not path.exists():
+    if not os.path.lexists(path):  # a dangling symbolic link is not "no identity": load_identity refuses it
         try:
             identity = Identity.generate()
             save_identity(identity, path)
             return identity, True
         except IdentityError:
-            if not path.exists():
+            if not os.path.lexists(path):
                 raise
     return load_identity(path), False

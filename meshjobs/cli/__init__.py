@@ -33,7 +33,7 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-COMMANDS = (keygen, show_id, up, worker, persona, celery_bridge, submit, jobs, peers)
+COMMANDS: tuple[click.Command, ...] = (keygen, show_id, up, worker, persona, celery_bridge, submit, jobs, peers)
 COMMANDS += (reputation, quarantine, release, broker, mesh, demo)
 for command in COMMANDS:
     main.add_command(command)

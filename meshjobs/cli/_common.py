@@ -11,6 +11,7 @@ import asyncio
 import functools
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -33,12 +34,92 @@ DEFAULT_SERVER = "nats://127.0.0.1:4222"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: The largest deadline any option takes (a request, a discovery round, a drain): a day.
+DAY_S = 86_400.0
+#: The largest wait for durable results: a week, as long as a durable envelope may live.
+WEEK_S = 7 * DAY_S
+
+
+class Bounded(click.ParamType[float, Any]):
+    """A finite number in a closed (or left-open) range, checked before a command does anything.
+
+    ``click.FloatRange`` lets ``nan`` through every bound (every comparison
+    with nan is false) and ``inf`` through an open upper end, so every float
+    option of the CLI uses this type instead: non-numbers, nan, ±inf and
+    values out of range are usage errors (exit 2) with one line naming the
+    option.
+    """
+
+    name = "number"
+    unit = ""
+
+    def __init__(self, low: float, high: float, *, low_open: bool = False) -> None:
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if isinstance(value, (int, float)):
+            number = float(value)
+        else:
+            text = str(value).strip()
+            try:
+                number = float(text)
+            except ValueError:
+                self.fail(f"{text[:40]!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{str(value)[:40]!r} is not a finite number", param, ctx)
+        if number < self.low or (self.low_open and number == self.low) or number > self.high:
+            self.fail(f"{number:g} is out of range (expected {self.describe()})", param, ctx)
+        return number
+
+    def describe(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        above = f"more than {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        return f"{above} and at most {self.high:g}{unit}"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return self.name.upper()
+
+
+class Seconds(Bounded):
+    """A duration in seconds: finite, not negative (``positive``: above zero), at most *max*."""
+
+    name = "seconds"
+    unit = "seconds"
+
+    def __init__(self, max: float, *, positive: bool = False) -> None:  # noqa: A002 — reads as Seconds(max=DAY_S)
+        super().__init__(0.0, max, low_open=positive)
+
+
+class Fraction(Bounded):
+    """A number from 0 to 1 (a reputation score)."""
+
+    name = "fraction"
+
+    def __init__(self) -> None:
+        super().__init__(0.0, 1.0)
+
+
 def home() -> Path:
     return Path(os.environ.get("MESHJOBS_HOME") or Path.home() / ".meshjobs").expanduser()
 
 
 def fail(message: str, code: int) -> None:
-    click.echo(f"meshjobs: {message}", err=True)
+    """Print the message and exit with *code*.
+
+    Messages can carry peer-supplied text (a handler's error, a refusal's
+    detail): control characters and bidi marks are shown escaped, and the
+    lines of a multi-line message are indented, so none can pass for a line
+    of its own.
+    """
+    from meshjobs.cli._render import safe_text
+
+    lines = [safe_text(line, markup=False) for line in message.split("\n")]
+    click.echo("meshjobs: " + "\n  ".join(lines), err=True)
     sys.exit(code)
 
 

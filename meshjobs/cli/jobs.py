@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from meshjobs.cli._common import guarded, identity_for_use, print_value, run, server_option, servers
+from meshjobs.cli._common import WEEK_S, Seconds, guarded, identity_for_use, print_value, run, server_option, servers
+from meshjobs.cli._render import safe_text
 
 
 async def _open(server: str) -> Any:
@@ -47,7 +48,7 @@ def status(job_id: str, as_json: bool, server: str) -> None:
         if as_json:
             click.echo(json.dumps(state.as_dict(), indent=2))
         else:
-            extra = f" ({state.detail})" if state.detail else ""
+            extra = f" ({safe_text(state.detail, markup=False)})" if state.detail else ""
             click.echo(f"{job_id} {state.state} {state.capability} attempts={state.attempts}{extra}")
 
     run(go())
@@ -55,7 +56,7 @@ def status(job_id: str, as_json: bool, server: str) -> None:
 
 @jobs.command("result")
 @click.argument("job_id")
-@click.option("--wait", "wait_s", type=float, default=0.0, help="Seconds to wait for the result.")
+@click.option("--wait", "wait_s", type=Seconds(max=WEEK_S), default=0.0, help="Seconds to wait for the result.")
 @click.option("--json", "as_json", is_flag=True, help="Print the signed record as JSON.")
 @server_option
 @guarded
@@ -75,7 +76,9 @@ def result(job_id: str, wait_s: float, as_json: bool, server: str) -> None:
 
 @jobs.command("wait")
 @click.argument("job_ids", nargs=-1, required=True)
-@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for all of them.")
+@click.option(
+    "--timeout", type=Seconds(max=WEEK_S), default=300.0, show_default=True, help="Seconds to wait for all of them."
+)
 @server_option
 @guarded
 def wait(job_ids: tuple[str, ...], timeout: float, server: str) -> None:
@@ -128,7 +131,8 @@ def list_jobs(only: str | None, limit: int, as_json: bool, server: str) -> None:
             click.echo(json.dumps([s.as_dict() for s in rows], indent=2))
             return
         for s in rows:
-            click.echo(f"{s.job_id}  {s.state:<8} {s.capability:<24} attempts={s.attempts} {s.detail}")
+            detail = safe_text(s.detail, markup=False)
+            click.echo(f"{s.job_id}  {s.state:<8} {s.capability:<24} attempts={s.attempts} {detail}")
         if not rows:
             click.echo("no durable jobs")
 
@@ -157,7 +161,8 @@ def dlq(redrive_id: str | None, as_json: bool, server: str) -> None:
             click.echo(json.dumps([{k: v for k, v in d.items() if k != "envelope"} for d in dead], indent=2))
             return
         for d in dead:
-            click.echo(f"{d['job_id']}  {d['capability']:<24} attempts={d['attempts']} {d['reason']}")
+            what = safe_text(f"{d['job_id']}  {d['capability']:<24}", markup=False)
+            click.echo(f"{what} attempts={d['attempts']} {safe_text(d['reason'], markup=False)}")
         if not dead:
             click.echo("the dead-letter queue is empty")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import tomlkit
 
-from meshjobs.cli._common import F, guarded, home
+from meshjobs.cli._common import DAY_S, F, Seconds, guarded, home
 from meshjobs.errors import UsageError
 from meshjobs.identity import decode_public
 from meshjobs.infra.topology import Topology, load_topology, parse_topology
@@ -127,7 +127,13 @@ def mesh() -> None:
 @mesh.command("up")
 @topology_option
 @state_option
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for a healthy mesh.")
+@click.option(
+    "--timeout",
+    type=Seconds(max=DAY_S, positive=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for a healthy mesh.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the health report as JSON.")
 @guarded
 def mesh_up(topology_path: Path, state_dir: Path | None, timeout: float, as_json: bool) -> None:

@@ -9,7 +9,18 @@ from pathlib import Path
 
 import click
 
-from meshjobs.cli._common import fail, guarded, home, identity_for_use, load_app, run, server_option, servers
+from meshjobs.cli._common import (
+    DAY_S,
+    Seconds,
+    fail,
+    guarded,
+    home,
+    identity_for_use,
+    load_app,
+    run,
+    server_option,
+    servers,
+)
 from meshjobs.runtime.app import PEER_KINDS, App
 from meshjobs.trust.policy import TRUST_FILE, load_trust
 
@@ -81,12 +92,11 @@ def up(port: int, monitor_port: int, store: Path | None, server: str) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Trust file [default: MESHJOBS_HOME/trust.toml].",
 )
-@click.option(
-    "--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish in-flight jobs on SIGTERM."
-)
+@click.option("--drain-timeout", type=Seconds(max=DAY_S), default=30.0, show_default=True,
+              help="Seconds to finish in-flight jobs on SIGTERM.")  # fmt: skip
 @click.option("--max-attempts", type=click.IntRange(1, 100), default=5, show_default=True,
               help="Runs of a failing durable job before it goes to the dead-letter queue.")  # fmt: skip
-@click.option("--retry-delay", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--retry-delay", type=Seconds(max=DAY_S), default=1.0, show_default=True,
               help="Seconds before a failed durable job runs again; doubles each time.")  # fmt: skip
 @server_option
 @guarded

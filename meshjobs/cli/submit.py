@@ -9,6 +9,10 @@ from typing import Any
 import click
 
 from meshjobs.cli._common import (
+    DAY_S,
+    WEEK_S,
+    Fraction,
+    Seconds,
     guarded,
     identity_for_use,
     open_router,
@@ -28,10 +32,10 @@ log = logging.getLogger("meshjobs.cli")
 @click.command()
 @click.argument("capability")
 @click.argument("json_args", required=False)
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+@click.option("--timeout", type=Seconds(max=DAY_S, positive=True), default=30.0, show_default=True,
               help="Seconds to wait for the result, retries and fallbacks included.")  # fmt: skip
 @click.option("--peer", help="Only this peer (its public key).")
-@click.option("--min-trust", type=click.FloatRange(0, 1), help="Only peers whose reputation score is at least this.")
+@click.option("--min-trust", type=Fraction(), help="Only peers whose reputation score is at least this.")
 @click.option("--region", help="Only peers in this region.")
 @click.option("--kind", type=click.Choice(PEER_KINDS), help="Only peers of this kind.")
 @click.option("--replicas", type=click.IntRange(1, 15), default=1, show_default=True,
@@ -41,11 +45,14 @@ log = logging.getLogger("meshjobs.cli")
 )
 @click.option("--trace", is_flag=True, help="Show every peer tried, on stderr.")
 @click.option("--job-id", help="Job id to use (retries with the same id never run twice on a peer).")
-@click.option("--peer-wait", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--peer-wait", type=Seconds(max=DAY_S), default=2.0, show_default=True,
               help="Seconds to keep trying while no peer offers the capability.")  # fmt: skip
 @click.option("--durable", is_flag=True, help="Queue on JetStream: survives crashes; prints the job id.")
 @click.option(
-    "--wait", "wait_s", type=float, help="With --durable: wait this many seconds for the result and print it."
+    "--wait",
+    "wait_s",
+    type=Seconds(max=WEEK_S),
+    help="With --durable: wait this many seconds for the result and print it.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the full signed record as JSON.")
 @server_option
@@ -114,7 +121,7 @@ def submit(ctx: click.Context, /, capability: str, json_args: str | None, **opts
 
 
 @click.command()
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--timeout", type=Seconds(max=DAY_S, positive=True), default=1.0, show_default=True,
               help="Seconds to collect answers.")  # fmt: skip
 @click.option("--capability", help="Only peers offering this capability.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

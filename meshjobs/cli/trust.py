@@ -21,6 +21,7 @@ from meshjobs.trust.policy import TRUST_FILE
 @guarded
 def reputation(peer: str, show: int, as_json: bool, server: str) -> None:
     """A peer's score, explained from its signed evidence."""
+    from meshjobs.cli._render import safe_text
     from meshjobs.identity import is_public_key
     from meshjobs.trust.reputation import summary
 
@@ -50,25 +51,29 @@ def reputation(peer: str, show: int, as_json: bool, server: str) -> None:
         click.echo(f"peer {peer}")
         click.echo(record.explain())
         if quarantined is not None:
-            click.echo(f"{quarantined.action} by operator {quarantined.operator[:12]}…: {quarantined.reason}")
+            q = quarantined
+            click.echo(f"{q.action} by operator {q.operator[:12]}… (seq {q.seq}): {safe_text(q.reason, markup=False)}")
         elif record.auto_quarantined():
             click.echo("automatically quarantined: score below 0.3 with at least 3 pieces of bad evidence")
         for item in items:
             if not item["valid"]:
-                click.echo(f"  INVALID evidence: {item['problem']}")
+                click.echo(f"  INVALID evidence: {safe_text(item['problem'], markup=False)}")
                 continue
-            who = item["submitter"][:12]
-            click.echo(f"  {item['kind']:<9} job {item['job_id']} {item['capability']} by {who}… {item['detail']}")
+            who, what = item["submitter"][:12], safe_text(f"job {item['job_id']} {item['capability']}", markup=False)
+            detail = safe_text(item["detail"], markup=False)
+            click.echo(f"  {safe_text(item['kind'], markup=False):<9} {what} by {who}… {detail}")
 
     run(go())
 
 
 def _order(peer: str, action: str, reason: str, server: str) -> None:
     from meshjobs._nats import connect
+    from meshjobs.cli._render import safe_text
     from meshjobs.trust.quarantine import issue_order
 
     identity = identity_for_use()
-    if identity.public_key not in local_policy().operators:
+    operators = local_policy().operators
+    if identity.public_key not in operators:
         raise UsageError(
             f"this key ({identity.public_key[:12]}…) is not an operator: list it as [[operator]] in "
             f"{home() / TRUST_FILE} on every peer that should honour its orders"
@@ -77,10 +82,10 @@ def _order(peer: str, action: str, reason: str, server: str) -> None:
     async def go() -> None:
         nc = await connect(servers(server), identity, name="meshjobs-operator")
         try:
-            await issue_order(nc, identity, peer, action, reason)
+            order = await issue_order(nc, identity, peer, action, reason, operators=operators)
         finally:
             await nc.close()
-        click.echo(f"{action}: {peer} ({reason or 'no reason given'})")
+        click.echo(f"{action}: {peer} (seq {order.seq}; {safe_text(reason, markup=False) or 'no reason given'})")
 
     run(go())
 

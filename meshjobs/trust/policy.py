@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshjobs._files import read_local_file
 from meshjobs.errors import PolicyFileError, Reason, Rejected
 from meshjobs.identity import decode_public
 
@@ -134,18 +135,22 @@ def parse_trust(text: str, path: Path) -> TrustPolicy:
 
 
 def load_trust(path: Path, *, required: bool) -> TrustPolicy:
-    """Read a trust file. A missing file is an empty policy unless *required*."""
+    """Read a trust file. A missing file is an empty policy unless *required*.
+
+    The file decides who may run what, so it must be a regular file (a
+    symbolic link is followed to one) owned by this user or root that others
+    may not write, nor its group unless that is the owner's private group;
+    others may read it (it holds public keys only). FIFOs and devices are
+    refused without waiting on them (see :mod:`meshjobs._files`).
+    """
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_TRUST_FILE_BYTES + 1)
+        data = read_local_file(
+            path, what="trust file", max_bytes=MAX_TRUST_FILE_BYTES, care="protected", error=PolicyFileError
+        )
     except FileNotFoundError:
         if required:
             raise PolicyFileError(f"trust file {path} does not exist") from None
         return TrustPolicy(frozenset())
-    except OSError as exc:
-        raise PolicyFileError(f"cannot read trust file {path}: {exc.strerror}") from None
-    if len(data) > MAX_TRUST_FILE_BYTES:
-        raise PolicyFileError(f"trust file {path} is larger than {MAX_TRUST_FILE_BYTES} bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -19,7 +19,7 @@ import pytest
 import meshjobs
 
 PACKAGE = Path(meshjobs.__file__).resolve().parent
-GROUND = {"errors", "identity", "envelope", "subjects", "state", "_nats", "_version"}
+GROUND = {"errors", "identity", "envelope", "subjects", "state", "_nats", "_version", "_files"}
 JOB_MODULES = ("runtime", "trust", "durable", "client", "router", "submit", "discovery", "catalog", "peers", "bridges")
 
 

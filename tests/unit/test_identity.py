@@ -116,3 +116,82 @@ def test_repr_never_shows_the_seed() -> None:
     identity = Identity.generate()
     assert identity.seed_text() not in repr(identity)
     assert identity.public_key in repr(identity)
+
+
+# -- what a key file is: refusals name the path and never block ------------------------------------
+
+
+def load_in_thread(path: Path, timeout: float = 5.0) -> BaseException | Identity:
+    """Load *path* in a daemon thread so a regression that blocks (on a FIFO) fails instead of hanging."""
+    outcome: list[BaseException | Identity] = []
+
+    def target() -> None:
+        try:
+            outcome.append(load_identity(path))
+        except BaseException as exc:  # noqa: BLE001 — handed back to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"load_identity({path}) blocked for {timeout} s"
+    return outcome[0]
+
+
+def test_symlinked_key_file_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real.nk"
+    save_identity(Identity.generate(), real)
+    link = tmp_path / "identity.nk"
+    link.symlink_to(real)
+    with pytest.raises(IdentityError, match=rf"{link} is a symbolic link"):
+        load_identity(link)
+    dangling = tmp_path / "dangling.nk"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(IdentityError, match="symbolic link"):
+        load_identity(dangling)
+    # load_or_create does not take a dangling link for "no identity yet" and write through it.
+    with pytest.raises(IdentityError, match="symbolic link"):
+        load_or_create(dangling)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "identity.nk"
+    os.mkfifo(fifo, 0o600)
+    outcome = load_in_thread(fifo)
+    assert isinstance(outcome, IdentityError), outcome
+    assert str(fifo) in str(outcome) and "FIFO" in str(outcome)
+
+
+def test_device_and_directory_are_refused(tmp_path: Path) -> None:
+    outcome = load_in_thread(Path("/dev/null"))
+    assert isinstance(outcome, IdentityError) and "/dev/null is a character device" in str(outcome), outcome
+    with pytest.raises(IdentityError, match=rf"{tmp_path} is a directory"):
+        load_identity(tmp_path)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o602, 0o610])
+def test_any_group_or_other_bit_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "identity.nk"
+    save_identity(Identity.generate(), path)
+    os.chmod(path, mode)
+    with pytest.raises(IdentityError, match=f"mode {mode:04o}.*chmod 600 {path}"):
+        load_identity(path)
+
+
+def test_key_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root (chown); this run is not root")
+    path = tmp_path / "identity.nk"
+    save_identity(Identity.generate(), path)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(IdentityError, match=rf"{path} belongs to uid 65534"):
+        load_identity(path)
+
+
+def test_refusals_are_one_line(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo", 0o600)
+    (tmp_path / "link").symlink_to("/dev/null")
+    for path in (Path("/dev/null"), tmp_path, tmp_path / "fifo", tmp_path / "link"):
+        outcome = load_in_thread(path)
+        assert isinstance(outcome, IdentityError) and str(path) in str(outcome) and "\n" not in str(outcome)

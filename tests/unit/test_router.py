@@ -29,7 +29,6 @@ from meshjobs.envelope import (
 from meshjobs.errors import JobTimeout, NoPeerError, Reason, Rejected, UsageError
 from meshjobs.identity import Identity
 from meshjobs.router import Constraints, Router, result_digest
-from meshjobs.state import Entry
 from meshjobs.subjects import audience_for
 from meshjobs.trust.quarantine import Order, QuarantineBoard
 from meshjobs.trust.reputation import Evidence, Record, ReputationBook
@@ -111,12 +110,14 @@ def ranked(*names: str) -> list[Record]:
 def router(
     peers: list[PeerInfo], records: Sequence[Record] = (), answers: dict[str, Any] | None = None, **orders: str
 ) -> Router:
-    board = QuarantineBoard(None, frozenset({OPERATOR.public_key}))  # type: ignore[arg-type]  # kv unused: no watch
+    board = QuarantineBoard(frozenset({OPERATOR.public_key}))  # no bucket: orders are applied by hand
     for name, signer in orders.items():
-        order = Order(version=1, peer=PEERS[name], action="quarantine", reason="test", operator=signer, at_ms=now_ms())
+        order = Order(
+            version=1, peer=PEERS[name], action="quarantine", reason="test", operator=signer, at_ms=now_ms(), seq=1
+        )
         signing_key = OPERATOR if signer == OPERATOR.public_key else ALICE
         # As the bucket watch delivers it: verified, and honoured only from an operator.
-        board._on_entry(Entry(PEERS[name], seal_statement(QUARANTINE_MAGIC, signing_key, order), 1))
+        board.apply(PEERS[name], seal_statement(QUARANTINE_MAGIC, signing_key, order))
     client = FakeClient(peers, answers or {})
     return Router(client, FakeBook(list(records)), board)  # type: ignore[arg-type]
 

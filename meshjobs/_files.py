@@ -1,0 +1,146 @@
+"""Reading small local files (key, trust and topology files) without being tricked by what they are.
+
+One reader, three levels of care, chosen by who could harm us through the file:
+
+``private`` (key files)
+    The path itself must not be a symbolic link; the file must be a regular
+    file owned by the current user with no group or other permission bits
+    (``chmod 600``), as OpenSSH requires of private keys.
+``protected`` (trust files: they decide who may run what)
+    Symbolic links are followed (configuration management links files into
+    place) but what they lead to is checked: a regular file owned by the
+    current user or root that others may not write, nor its group unless
+    that is the owner's own private group (as sshd's ``StrictModes`` requires
+    of ``authorized_keys``, with Debian's allowance for user-private groups).
+    Reading by others is fine: a trust file lists public keys only.
+``plain`` (topology files: examples users copy, and nothing secret)
+    A regular file.
+
+Every level refuses FIFOs, devices, sockets and directories *before* opening
+them (opening a tape drive or a terminal has side effects), opens with
+``O_NONBLOCK`` (a file swapped for a FIFO in between cannot make us wait for a
+writer), checks what it opened with ``fstat`` (the same file as the one
+checked, still regular) and bounds the size before and while reading.
+
+A missing file raises :class:`FileNotFoundError` so callers can say what to
+do about it; every other refusal is one line naming the path, raised as the
+caller's :class:`~meshjobs.errors.MeshError` class.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+import stat
+from pathlib import Path
+from typing import Literal
+
+from meshjobs.errors import MeshError
+
+Care = Literal["private", "protected", "plain"]
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
+
+
+def _kind(mode: int) -> str:
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_kind(path: Path, what: str, info: os.stat_result, error: type[MeshError]) -> None:
+    if stat.S_ISLNK(info.st_mode):
+        raise error(f"{what} {path} is a symbolic link; refusing to follow it (use the file's own path)")
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{what} {path} is {_kind(info.st_mode)}, not a regular file")
+
+
+def _private_group(info: os.stat_result) -> bool:
+    """True when the file's group is its owner's own group, with nobody else in it.
+
+    Debian and Ubuntu give each user such a group and a umask of 002, so
+    their files are group-writable by default; writable by that group means
+    writable by the owner alone (Debian's OpenSSH allows it for the same reason).
+    """
+    try:
+        group = grp.getgrgid(info.st_gid)
+        owner = pwd.getpwuid(info.st_uid)
+    except KeyError:
+        return False
+    return owner.pw_gid == info.st_gid and group.gr_name == owner.pw_name and not set(group.gr_mem) - {owner.pw_name}
+
+
+def _check_owner_and_mode(path: Path, what: str, info: os.stat_result, care: Care, error: type[MeshError]) -> None:
+    me = os.geteuid()
+    mode = stat.S_IMODE(info.st_mode)
+    if care == "private":
+        if info.st_uid != me:
+            raise error(f"{what} {path} belongs to uid {info.st_uid}, not to this user (uid {me})")
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise error(f"{path} is accessible by other users (mode {mode:04o}); run: chmod 600 {path}")
+    elif care == "protected":
+        if info.st_uid not in (me, 0):
+            raise error(f"{what} {path} belongs to uid {info.st_uid}, neither this user (uid {me}) nor root")
+        if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and not _private_group(info)):
+            raise error(f"{what} {path} is writable by other users (mode {mode:04o}); run: chmod go-w {path}")
+
+
+def _open(path: Path, what: str, follow: bool, error: type[MeshError]) -> int:
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            raise error(f"{what} {path} is a symbolic link; refusing to follow it (use the file's own path)") from None
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def read_local_file(path: Path, *, what: str, max_bytes: int, care: Care, error: type[MeshError]) -> bytes:
+    """The bytes of a small local file, after the checks of *care* (see the module docstring).
+
+    *what* names the file in messages ("key file", "trust file"). Raises
+    :class:`FileNotFoundError` when there is no file, *error* for every other
+    refusal.
+    """
+    follow = care != "private"
+    try:
+        before = os.stat(path) if follow else os.lstat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+    _check_kind(path, what, before, error)
+    fd = _open(path, what, follow, error)
+    try:
+        info = os.fstat(fd)
+        _check_kind(path, what, info, error)
+        if (info.st_dev, info.st_ino) != (before.st_dev, before.st_ino):
+            raise error(f"{what} {path} was replaced while being read; try again")
+        _check_owner_and_mode(path, what, info, care, error)
+        if info.st_size > max_bytes:
+            raise error(f"{what} {path} is larger than {max_bytes} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes:
+            chunk = os.read(fd, max_bytes + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > max_bytes:  # it grew after the fstat
+        raise error(f"{what} {path} is larger than {max_bytes} bytes")
+    return b"".join(chunks)
