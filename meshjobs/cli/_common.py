@@ -11,6 +11,7 @@ import asyncio
 import functools
 import importlib
 import json
+import logging
 import math
 import os
 import sys
@@ -28,6 +29,7 @@ from meshjobs.errors import MeshError, UsageError
 from meshjobs.identity import IDENTITY_FILE, Identity, load_or_create
 from meshjobs.router import Router
 from meshjobs.runtime.app import App
+from meshjobs.runtime.config import WorkerConfig
 from meshjobs.trust.policy import TRUST_FILE, TrustPolicy, load_trust
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
@@ -213,3 +215,45 @@ def print_value(found: Any, as_json: bool, job_id: str) -> None:
     settle_stored(job_id, found)
     if not as_json:
         click.echo(json.dumps(result.value, ensure_ascii=False))
+
+
+#: The options every command that runs a worker takes (worker, persona, celery-bridge).
+_WORKER_OPTIONS = (
+    click.option("--concurrency", "-c", type=click.IntRange(1, 10000), default=16, show_default=True,
+                 help="Jobs run at once."),
+    click.option("--name", help="Display name in discovery [default: the app's name]."),
+    click.option("--region", default="", help="Region label shown in discovery."),
+    click.option("--community", default="", help="Community label shown in discovery."),
+    click.option("--trust", "trust_file", type=click.Path(dir_okay=False, path_type=Path),
+                 help="Trust file [default: MESHJOBS_HOME/trust.toml]."),
+    click.option("--drain-timeout", type=Seconds(max=DAY_S), default=30.0, show_default=True,
+                 help="Seconds to finish in-flight jobs on SIGTERM."),
+    click.option("--max-attempts", type=click.IntRange(1, 100), default=5, show_default=True,
+                 help="Runs of a failing durable job before it goes to the dead-letter queue."),
+    click.option("--retry-delay", type=Seconds(max=DAY_S), default=1.0, show_default=True,
+                 help="Seconds before a failed durable job runs again; doubles each time."),
+)  # fmt: skip
+
+
+def worker_options(func: F) -> F:
+    """Add the worker options (and --server) to a command; read them back with :func:`worker_setup`."""
+    for option in reversed((*_WORKER_OPTIONS, server_option)):
+        func = option(func)
+    return func
+
+
+def worker_setup(opts: dict[str, Any]) -> tuple[Identity, TrustPolicy, WorkerConfig, list[str]]:
+    """The identity, trust policy, worker config and server URLs the worker options ask for."""
+    logging.getLogger("meshjobs").setLevel(min(logging.getLogger().level, logging.INFO))
+    trust_file = opts["trust_file"]
+    policy = load_trust(trust_file or home() / TRUST_FILE, required=trust_file is not None)
+    config = WorkerConfig(
+        concurrency=opts["concurrency"],
+        name=opts["name"],
+        region=opts["region"],
+        community=opts["community"],
+        drain_timeout_s=opts["drain_timeout"],
+        max_attempts=opts["max_attempts"],
+        retry_delay_s=opts["retry_delay"],
+    )
+    return identity_for_use(), policy, config, servers(opts["server"])

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+from typing import Any
 
 import click
 
-from meshjobs.cli._common import DAY_S, Seconds, guarded, home, identity_for_use, run, server_option, servers
+from meshjobs.cli._common import (
+    DAY_S,
+    Seconds,
+    guarded,
+    run,
+    worker_options,
+    worker_setup,
+)
 from meshjobs.errors import UsageError
-from meshjobs.trust.policy import TRUST_FILE, load_trust
 
 
 def _overrides(items: tuple[str, ...]) -> dict[str, str]:
@@ -31,57 +36,29 @@ def _overrides(items: tuple[str, ...]) -> dict[str, str]:
               help="Offer TASK under this capability name (repeatable).")  # fmt: skip
 @click.option("--timeout", type=Seconds(max=DAY_S, positive=True), default=60.0, show_default=True,
               help="Seconds a job may take, waiting in Celery's queue included.")  # fmt: skip
-@click.option(
-    "--concurrency", "-c", type=click.IntRange(1, 10000), default=16, show_default=True, help="Jobs run at once."
-)
-@click.option("--name", help="Display name in discovery [default: the Celery app's name].")
-@click.option("--region", default="", help="Region label shown in discovery.")
-@click.option("--community", default="", help="Community label shown in discovery.")
-@click.option(
-    "--trust",
-    "trust_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Trust file [default: MESHJOBS_HOME/trust.toml].",
-)
-@click.option(
-    "--drain-timeout",
-    type=Seconds(max=DAY_S),
-    default=30.0,
-    show_default=True,
-    help="Seconds to finish in-flight jobs on SIGTERM.",
-)
-@server_option
+@worker_options
 @guarded
 def celery_bridge(
     celery_spec: str,
     glob: str,
     mapping: tuple[str, ...],
     timeout: float,
-    concurrency: int,
-    name: str | None,
-    region: str,
-    community: str,
-    trust_file: Path | None,
-    drain_timeout: float,
-    server: str,
+    **opts: Any,
 ) -> None:
     """Offer a Celery app's tasks as capabilities: meshjobs celery-bridge proj.celery:app
 
     Each job is verified like any worker's, sent over the Celery app's own
     broker, and answered with the task's result, signed by this peer.
     """
-    from meshjobs import Worker, WorkerConfig
+    from meshjobs import Worker
     from meshjobs.bridges.celery import bridge_app, load_celery_app, plan
 
-    logging.getLogger("meshjobs").setLevel(min(logging.getLogger().level, logging.INFO))
     overrides = _overrides(mapping)
     celery_app = load_celery_app(celery_spec)
-    app = bridge_app(celery_app, glob, overrides=overrides, name=name, timeout=timeout, concurrency=concurrency)
+    app = bridge_app(
+        celery_app, glob, overrides=overrides, name=opts["name"], timeout=timeout, concurrency=opts["concurrency"]
+    )
     for task, capability in plan(celery_app, glob, overrides).items():
         click.echo(f"meshjobs: Celery task {task} -> capability {capability}", err=True)
-    identity = identity_for_use()
-    policy = load_trust(trust_file or home() / TRUST_FILE, required=trust_file is not None)
-    config = WorkerConfig(
-        concurrency=concurrency, name=name, region=region, community=community, drain_timeout_s=drain_timeout
-    )
-    run(Worker(app, identity, policy, config).serve(servers(server)))
+    identity, policy, config, urls = worker_setup(opts)
+    run(Worker(app, identity, policy, config).serve(urls))

@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from meshjobs.cli._common import (
-    DAY_S,
-    Seconds,
     fail,
     guarded,
     home,
-    identity_for_use,
     load_app,
     run,
     server_option,
-    servers,
+    worker_options,
+    worker_setup,
 )
 from meshjobs.runtime.app import PEER_KINDS, App
-from meshjobs.trust.policy import TRUST_FILE, load_trust
 
 # -- broker ------------------------------------------------------------------
 
@@ -78,58 +75,16 @@ def up(port: int, monitor_port: int, store: Path | None, server: str) -> None:
 @click.command()
 @click.argument("app_spec", metavar="MODULE:ATTR")
 @click.option(
-    "--concurrency", "-c", type=click.IntRange(1, 10000), default=16, show_default=True, help="Jobs run at once."
-)
-@click.option("--name", help="Display name in discovery [default: the app's name].")
-@click.option(
     "--kind", type=click.Choice(PEER_KINDS), help="What answers: system, ai, human or hybrid [default: the app's]."
 )
-@click.option("--region", default="", help="Region label shown in discovery.")
-@click.option("--community", default="", help="Community label shown in discovery.")
-@click.option(
-    "--trust",
-    "trust_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Trust file [default: MESHJOBS_HOME/trust.toml].",
-)
-@click.option("--drain-timeout", type=Seconds(max=DAY_S), default=30.0, show_default=True,
-              help="Seconds to finish in-flight jobs on SIGTERM.")  # fmt: skip
-@click.option("--max-attempts", type=click.IntRange(1, 100), default=5, show_default=True,
-              help="Runs of a failing durable job before it goes to the dead-letter queue.")  # fmt: skip
-@click.option("--retry-delay", type=Seconds(max=DAY_S), default=1.0, show_default=True,
-              help="Seconds before a failed durable job runs again; doubles each time.")  # fmt: skip
-@server_option
+@worker_options
 @guarded
-def worker(
-    app_spec: str,
-    concurrency: int,
-    name: str | None,
-    kind: str | None,
-    region: str,
-    community: str,
-    trust_file: Path | None,
-    drain_timeout: float,
-    max_attempts: int,
-    retry_delay: float,
-    server: str,
-) -> None:
+def worker(app_spec: str, kind: str | None, **opts: Any) -> None:
     """Run a worker app, like `celery -A`: meshjobs worker workers.demo:app"""
-    from meshjobs.runtime.config import WorkerConfig
     from meshjobs.runtime.worker import Worker
 
-    logging.getLogger("meshjobs").setLevel(min(logging.getLogger().level, logging.INFO))
     app = load_app(app_spec)
     if kind:
         app = App(app.name, kind=kind, description=app.description, capabilities=app.capabilities)  # type: ignore[arg-type]
-    identity = identity_for_use()
-    policy = load_trust(trust_file or home() / TRUST_FILE, required=trust_file is not None)
-    config = WorkerConfig(
-        concurrency=concurrency,
-        name=name,
-        region=region,
-        community=community,
-        drain_timeout_s=drain_timeout,
-        max_attempts=max_attempts,
-        retry_delay_s=retry_delay,
-    )
-    run(Worker(app, identity, policy, config).serve(servers(server)))
+    identity, policy, config, urls = worker_setup(opts)
+    run(Worker(app, identity, policy, config).serve(urls))
