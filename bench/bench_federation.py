@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import REPO, Child, demo_worker, drive_async, peer_home  # noqa: E402
 from meshjobs import Client  # noqa: E402
+from meshjobs.catalog import MESH_STATE  # noqa: E402
 from meshjobs.identity import Identity  # noqa: E402
-from meshjobs.infra.mesh import LocalMesh  # noqa: E402
+from meshjobs.infra.mesh import LocalMesh, provision  # noqa: E402
 from meshjobs.infra.topology import Topology, load_topology  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def topology(ids: dict[str, Identity]) -> Topology:
     data = load_topology(REPO / "config" / "topology.toml").with_ports(iter(ports(40))).model_dump()
     data["community"][0]["peers"] = [ids["lab-worker"].public_key, ids["lab-user"].public_key]
     data["community"][1]["peers"] = [ids["garage-worker"].public_key]
+    data["mesh"]["operators"] = [ids["op"].public_key]  # provisions mesh state: peers may not
     return Topology.model_validate(data)
 
 
@@ -73,7 +75,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "federation.json")
     args = parser.parse_args()
-    ids = {name: Identity.generate() for name in ("lab-worker", "lab-user", "garage-worker")}
+    ids = {name: Identity.generate() for name in ("lab-worker", "lab-user", "garage-worker", "op")}
     with tempfile.TemporaryDirectory(prefix="meshjobs-fed-") as tmp:
         work = Path(tmp)
         homes = {name: peer_home(work / name, identity, [ids["lab-user"].public_key]) for name, identity in ids.items()}
@@ -83,6 +85,7 @@ def main() -> None:
         try:
             mesh.up(timeout=120)
             up_seconds = time.monotonic() - started
+            asyncio.run(provision(top, ids["op"], MESH_STATE))
             result = asyncio.run(measure(top, ids, homes, work, args.requests))
         finally:
             for server in mesh.started.values():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +30,7 @@ class _GuardedClient(NATS):
     """
 
     meshjobs_identity: Identity | None = None
+    meshjobs_denied: deque[tuple[str, float]]
 
     def _setup_nkeys_seed_connect(self) -> None:
         super()._setup_nkeys_seed_connect()
@@ -35,6 +39,34 @@ class _GuardedClient(NATS):
             import base64
 
             self._signature_cb = lambda nonce: base64.b64encode(identity.sign_login_nonce(nonce))
+
+
+#: nats-py reports a refused publish only to the error callback (lower-cased):
+#: ``nats: permissions violation for publish to "$js.hub.api.stream.create.jobs"``.
+_DENIED_PUBLISH = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+
+
+def denied(nc: NATS, subject: str, within: float = 60.0) -> bool:
+    """Whether the server refused a publish to *subject* on this connection in the last *within* seconds.
+
+    A refused JetStream request otherwise looks like a timeout; this tells the
+    two apart so callers can fail at once instead of retrying.
+    """
+    wanted, since = _forms(subject.lower()), time.monotonic() - within
+    return any(s in wanted and at >= since for s, at in getattr(nc, "meshjobs_denied", ()))
+
+
+_DOMAIN_API = re.compile(r"^\$js\.[^.]+\.api\.")
+
+
+def _forms(subject: str) -> set[str]:
+    # A hub server maps $JS.<domain>.API.$KV.x to $KV.x and $JS.<domain>.API.x
+    # to $JS.API.x before checking permissions, and names the mapped subject
+    # when it refuses one.
+    rest = _DOMAIN_API.sub("", subject, count=1)
+    if rest == subject:
+        return {subject}
+    return {subject, rest if rest.startswith("$kv.") else "$js.api." + rest}
 
 
 async def connect(
@@ -59,6 +91,10 @@ async def connect(
     refused = asyncio.Event()
 
     async def error_cb(exc: Exception) -> None:
+        if refused_publish := _DENIED_PUBLISH.search(str(exc)):
+            client.meshjobs_denied.append((refused_publish.group(1).lower(), time.monotonic()))
+            log.debug("nats: %s", exc)
+            return
         errors.append(exc)
         del errors[:-3]
         if "Authorization Violation" in str(exc):
@@ -77,6 +113,7 @@ async def connect(
 
     client = _GuardedClient()
     client.meshjobs_identity = identity
+    client.meshjobs_denied = deque(maxlen=64)
     options: dict[str, Any] = {
         "servers": urls,
         "name": name,

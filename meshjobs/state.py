@@ -37,7 +37,8 @@ from nats.js.api import (
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from meshjobs.errors import ConnectError, KeyExists, UsageError
+from meshjobs._nats import denied
+from meshjobs.errors import ConnectError, KeyExists, Reason, Rejected, UsageError
 
 DOMAIN = "hub"
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -54,8 +55,11 @@ class Entry:
 class MeshKV:
     """One KV bucket of mesh state. Writes go through the hub domain, so they work from leaves."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str, domain: str | None) -> None:
+    def __init__(
+        self, js: JetStreamContext, kv: KeyValue, bucket: str, domain: str | None, *, nc: NATS | None = None
+    ) -> None:
         self._js = js
+        self._nc = nc  # to tell a write the server refused from a slow one
         self._kv = kv
         # Reads through the stream leader instead of any replica ("direct get").
         self._leader_kv = KeyValue(name=bucket, stream=f"KV_{bucket}", pre=f"$KV.{bucket}.", js=js, direct=False)
@@ -124,7 +128,13 @@ class MeshKV:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
         try:
             ack = await publish_retrying(
-                self._js, self._write_prefix + key, value, headers, self.write_timeout, f"write to {self.bucket}/{key}"
+                self._js,
+                self._write_prefix + key,
+                value,
+                headers,
+                self.write_timeout,
+                f"write to {self.bucket}/{key}",
+                nc=self._nc,
             )
         except nats.js.errors.APIError as exc:
             if exc.err_code == _WRONG_LAST_SEQUENCE:
@@ -142,12 +152,22 @@ TRANSIENT = (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, n
 T = TypeVar("T")
 
 
-async def retrying(op: Callable[[], Awaitable[T]], *, timeout: float, what: str, first_delay: float = 0.05) -> T:
+async def retrying(
+    op: Callable[[], Awaitable[T]],
+    *,
+    timeout: float,
+    what: str,
+    first_delay: float = 0.05,
+    refused: Callable[[], str | None] | None = None,
+) -> T:
     """Run *op* until it succeeds, retrying :data:`TRANSIENT` failures with backoff within *timeout* seconds.
 
     The one retry loop of mesh state: nats-py does not retry 503 from
     JetStream. A full stream (also a 503) is not transient and is raised, as is
-    any other error; running out of time raises :class:`ConnectError`.
+    any other error; running out of time raises :class:`ConnectError`. A
+    request the server refused (a permissions violation looks like a timeout
+    to nats-py) is not retried: *refused* names the refused subject, if any,
+    and :class:`Rejected` (``denied``) is raised at once.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -158,6 +178,8 @@ async def retrying(op: Callable[[], Awaitable[T]], *, timeout: float, what: str,
         except (*TRANSIENT, nats.js.errors.NoStreamResponseError) as exc:
             if isinstance(exc, nats.js.errors.APIError) and exc.err_code in FULL_STREAM_CODES:
                 raise
+            if refused is not None and (subject := refused()):
+                raise Rejected(Reason.DENIED, f"{what}: this key may not publish to {subject}") from exc
             if loop.time() + delay > deadline:
                 raise ConnectError(f"{what}: JetStream did not answer: {exc}") from exc
         await asyncio.sleep(delay)
@@ -165,14 +187,30 @@ async def retrying(op: Callable[[], Awaitable[T]], *, timeout: float, what: str,
 
 
 async def publish_retrying(
-    js: JetStreamContext, subject: str, data: bytes, headers: dict[str, str], timeout: float, what: str
+    js: JetStreamContext,
+    subject: str,
+    data: bytes,
+    headers: dict[str, str],
+    timeout: float,
+    what: str,
+    *,
+    nc: NATS | None = None,
 ) -> PubAck:
     """Publish to a stream, retrying 503 and missing answers (see :func:`retrying`).
 
     Give *headers* a ``Nats-Msg-Id`` so a retry whose first attempt was stored
-    is deduplicated.
+    is deduplicated. With *nc*, a publish the server refused fails at once.
     """
-    return await retrying(lambda: js.publish(subject, data, headers=headers), timeout=timeout, what=what)
+    return await retrying(
+        lambda: js.publish(subject, data, headers=headers), timeout=timeout, what=what, refused=_refusal(nc, subject)
+    )
+
+
+def _refusal(nc: NATS | None, *subjects: str) -> Callable[[], str | None] | None:
+    """A check for :func:`retrying`: the first of *subjects* the server refused on *nc*."""
+    if nc is None:
+        return None
+    return lambda: next((s for s in subjects if denied(nc, s)), None)
 
 
 async def read_subject(js: JetStreamContext, stream: str, subject: str, *, last_per_subject: bool = False) -> list[Msg]:
@@ -183,12 +221,20 @@ async def read_subject(js: JetStreamContext, stream: str, subject: str, *, last_
     """
     policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
     config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE, deliver_policy=policy, inactive_threshold=30.0, max_ack_pending=-1
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=policy,
+        filter_subject=subject,
+        inactive_threshold=30.0,
+        max_ack_pending=-1,
     )
-    sub = await js.pull_subscribe(subject, durable=None, stream=stream, config=config)
+    # Unnamed: the server names the consumer ($JS.API.CONSUMER.CREATE.<stream>),
+    # so peers need no right to create named consumers, which would let them
+    # redefine somebody else's.
+    info = await js.add_consumer(stream, config=config)
+    sub = await js.pull_subscribe_bind(consumer=info.name, stream=stream)
     out: list[Msg] = []
     try:
-        remaining = (await sub.consumer_info()).num_pending or 0
+        remaining = info.num_pending or 0
         while remaining > 0:
             msgs = await sub.fetch(min(remaining, 256), timeout=5)
             remaining -= len(msgs)
@@ -262,6 +308,13 @@ _INSUFFICIENT_RESOURCES = 10023
 
 
 async def _add_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    # Look before creating: most keys may read mesh state but only operators
+    # may create it, and what exists keeps its settings anyway.
+    try:
+        await js.stream_info(str(config.name))
+        return
+    except nats.js.errors.NotFoundError:
+        pass
     replicas = [config.num_replicas] if config.num_replicas else [3, 1]
     for count in replicas:
         try:
@@ -277,13 +330,34 @@ async def _add_stream(js: JetStreamContext, config: StreamConfig) -> None:
             raise
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, timeout: float = 10.0) -> None:
+async def ensure_stream(
+    js: JetStreamContext,
+    config: StreamConfig,
+    *,
+    timeout: float = 10.0,
+    nc: NATS | None = None,
+    domain: str | None = DOMAIN,
+) -> None:
     """Create *config*'s stream if missing, retrying while JetStream is unavailable.
 
     ``num_replicas=None`` means three replicas where the cluster has the
-    servers for it, one on a single server such as ``meshjobs up``.
+    servers for it, one on a single server such as ``meshjobs up``. With
+    *nc*, a missing stream this key may not create fails at once with
+    :class:`Rejected` (``denied``): an operator provisions it.
     """
-    await retrying(lambda: _add_stream(js, config), timeout=timeout, what=f"creating {config.name}", first_delay=0.1)
+    api = f"$JS.{domain}.API" if domain else "$JS.API"
+    name = str(config.name)
+    try:
+        await retrying(
+            lambda: _add_stream(js, config),
+            timeout=timeout,
+            what=f"creating {name}",
+            first_delay=0.1,
+            refused=_refusal(nc, f"{api}.STREAM.INFO.{name}", f"{api}.STREAM.CREATE.{name}"),
+        )
+    except Rejected as exc:
+        hint = "mesh state is provisioned by an operator (`meshjobs mesh up`, `meshjobs up --closed`)"
+        raise Rejected(Reason.DENIED, f"{exc.message}; {hint}") from exc
 
 
 async def provision(
@@ -303,7 +377,7 @@ async def provision(
     js = nc.jetstream(domain=domain, timeout=min(timeout, 2.0))
     names = []
     for spec in specs:
-        await ensure_stream(js, spec.config(replicas, placement), timeout=timeout)
+        await ensure_stream(js, spec.config(replicas, placement), timeout=timeout, nc=nc, domain=domain)
         names.append(spec.name)
     return names
 
@@ -330,7 +404,7 @@ async def open_bucket(
     js = nc.jetstream(domain=domain, timeout=min(timeout, 2.0))
 
     async def lookup() -> MeshKV:
-        return MeshKV(js, await js.key_value(spec.name), spec.name, domain)
+        return MeshKV(js, await js.key_value(spec.name), spec.name, domain, nc=nc)
 
     return await retrying(lookup, timeout=timeout, what=f"opening bucket {spec.name}", first_delay=0.1)
 

@@ -24,12 +24,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from meshjobs._nats import connect
 from meshjobs.cli._common import guarded, home, run
 from meshjobs.cli._render import peers_table
 from meshjobs.client import Client
-from meshjobs.errors import MeshError
+from meshjobs.errors import ConnectError, MeshError
 from meshjobs.identity import IDENTITY_FILE, Identity, load_or_create
-from meshjobs.infra.broker import embedded
+from meshjobs.infra.broker import closed_roles, embedded
 
 DEMO_JOBS: list[tuple[str, dict[str, Any]]] = [
     ("demo.add", {"a": 2, "b": 3}),
@@ -79,6 +80,16 @@ async def _submissions(client: Client, stranger: Client, console: Console) -> No
     console.print(table)
 
 
+async def _unknown_key_refused(url: str) -> str:
+    """What the closed broker does with a key nobody admitted."""
+    try:
+        nc = await connect(url, Identity.generate())
+    except ConnectError:
+        return "an unknown key is refused at login"
+    await nc.close()
+    return "[red]an unknown key got in[/]"
+
+
 async def run_demo(home: Path | None = None) -> None:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="meshjobs-demo-") as tmp:
@@ -86,17 +97,22 @@ async def run_demo(home: Path | None = None) -> None:
         home = home or root / "home"
         identity, _ = load_or_create(home / IDENTITY_FILE)
         console.print(f"identity  {identity.public_key}")
-        broker = await asyncio.to_thread(embedded(root / "broker").start)
+        stranger_id = Identity.generate()  # admitted to the broker, but not trusted by the worker
+        admitted = closed_roles(identity.public_key, [stranger_id.public_key])
+        broker = await asyncio.to_thread(embedded(root / "broker", admitted=admitted).start)
         worker: subprocess.Popen[bytes] | None = None
         try:
-            console.print(f"broker    {broker.url} (nats-server pid {broker.pid}, JetStream on)")
+            console.print(
+                f"broker    {broker.url} (nats-server pid {broker.pid}, JetStream on; closed: admits this identity "
+                f"and one stranger key, {await _unknown_key_refused(broker.url)})"
+            )
             worker_log = root / "worker.log"
             worker = _start_worker(broker.url, home, worker_log)
             console.print(f"worker    workers.demo:app (pid {worker.pid})")
             async with await Client.connect(broker.url, identity) as client:
                 await _wait_for_worker(client, worker, worker_log)
                 peers_table(await client.peers(timeout=0.5), console)
-                async with await Client.connect(broker.url, Identity.generate()) as stranger:
+                async with await Client.connect(broker.url, stranger_id) as stranger:
                     await _submissions(client, stranger, console)
         finally:
             if worker is not None and worker.poll() is None:

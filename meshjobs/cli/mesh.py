@@ -71,20 +71,34 @@ def broker_config(topology_path: Path, node: str, data_dir: Path, out: Path | No
     click.echo(f"wrote {out / (node + '.conf')} (secrets in {out / 'secrets'})")
 
 
-def add_peer_to_file(path: Path, key: str, community: str | None) -> bool:
-    """Admit *key* in the topology file, keeping its comments; False if it was already there."""
+#: ``--role`` of add-peer: the topology list each role is kept in.
+ROLE_LISTS = {
+    "peer": "peers",
+    "worker": "workers",
+    "submitter": "submitters",
+    "operator": "operators",
+    "trust-service": "trust_services",
+}
+HUB_ONLY_ROLES = ("operator", "trust-service")
+
+
+def add_peer_to_file(path: Path, key: str, community: str | None, role: str = "peer") -> bool:
+    """Admit *key* with *role* in the topology file, keeping its comments; False if it was already there."""
     try:
         decode_public(key)
     except ValueError as exc:
         raise UsageError(f"{key[:16]!r} is not a peer key: {exc}") from None
+    if community is not None and role in HUB_ONLY_ROLES:
+        raise UsageError(f"a {role} connects to hub nodes only: admit it without --community")
+    listed = ROLE_LISTS[role]
     document = tomlkit.parse(path.read_text())
     if community is None:
-        peers = document["mesh"].setdefault("peers", tomlkit.array())
+        peers = document["mesh"].setdefault(listed, tomlkit.array())
     else:
         tables = [c for c in document.get("community", []) if c.get("name") == community]
         if not tables:
             load_topology(path).community_named(community)  # raises with the known names
-        peers = tables[0].setdefault("peers", tomlkit.array())
+        peers = tables[0].setdefault(listed, tomlkit.array())
     if key in peers:
         return False
     peers.append(key)
@@ -99,20 +113,22 @@ def add_peer_to_file(path: Path, key: str, community: str | None) -> bool:
 @broker.command("add-peer")
 @topology_option
 @click.option("--community", help="Admit on this community's leaf [default: on every hub node].")
+@click.option("--role", type=click.Choice(list(ROLE_LISTS)), default="peer", show_default=True,
+              help="peer: worker and submitter; operator, trust-service: hub only (README: Roles).")  # fmt: skip
 @click.argument("key")
 @state_option
 @guarded
-def add_peer(topology_path: Path, community: str | None, key: str, state_dir: Path | None) -> None:
-    """Admit a peer key (what `meshjobs id` prints) to a community or the hub.
+def add_peer(topology_path: Path, community: str | None, role: str, key: str, state_dir: Path | None) -> None:
+    """Admit a key (what `meshjobs id` prints) to a community or the hub, with a role.
 
     Edits the topology file in place (comments are kept); a local mesh started
     with `meshjobs mesh up` reloads its configs at once.
     """
     from meshjobs.infra.mesh import LocalMesh
 
-    added = add_peer_to_file(topology_path, key, community)
+    added = add_peer_to_file(topology_path, key, community, role)
     where = f"community {community}" if community else "every hub node"
-    click.echo(f"{'admitted' if added else 'already admitted'}: {key} on {where}")
+    click.echo(f"{'admitted' if added else 'already admitted'}: {key} as {role} on {where}")
     topology = load_topology(topology_path)
     reloaded = LocalMesh(topology, _state(topology, state_dir)).reload()
     if reloaded:
@@ -164,12 +180,12 @@ def _provision(topology: Topology, quiet: bool) -> None:
 
     identity = identity_for_use()
     region = topology.state_region.name
-    if identity.public_key not in topology.mesh.peers:
+    if identity.public_key not in topology.mesh.operators:
         if not quiet:
             click.echo(
-                "mesh state not provisioned: admit this key on the hub (meshjobs broker add-peer --topology FILE "
-                f"KEY, with KEY from `meshjobs id`) and run mesh up again to place it in {region} with "
-                f"{topology.mesh.state_replicas} replicas"
+                "mesh state not provisioned: only an operator may create it; admit this key as one "
+                "(meshjobs broker add-peer --topology FILE --role operator KEY, with KEY from `meshjobs id`) "
+                f"and run mesh up again to place it in {region} with {topology.mesh.state_replicas} replicas"
             )
         return
     created = asyncio.run(provision(topology, identity, MESH_STATE))

@@ -212,9 +212,8 @@ class LocalMesh:
 async def provision(topology: Topology, identity: Identity, specs: Iterable[StateSpec]) -> list[str]:
     """Create the declared mesh state where the topology says: its replicas, in its state region.
 
-    Clients create what is missing with defaults; provisioned first, the
-    buckets and streams keep these settings. Needs a key admitted on the hub
-    (``[mesh] peers``).
+    Only an operator may create mesh state on a closed mesh: *identity* must
+    be listed in ``[mesh] operators``. What exists keeps its settings.
     """
     region = topology.state_region
     urls = [f"nats://{topology.mesh.host}:{n.client_port}" for n in region.nodes]

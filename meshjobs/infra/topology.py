@@ -65,20 +65,51 @@ class Region(_Model):
         return value
 
 
-class Community(_Model):
-    """A community broker: a leaf node attached to one region, with its own peers."""
+#: Roles a key can hold (see :mod:`meshjobs.infra.natsconf` for what each may do).
+WORKER, SUBMITTER, OPERATOR, TRUST_SERVICE = "worker", "submitter", "operator", "trust_service"
+PEER_ROLES = frozenset({WORKER, SUBMITTER})
+
+
+class _Admitted(_Model):
+    """Keys admitted on a server, by role. A key may be listed more than once: it gets every role."""
+
+    peers: list[str] = Field(default_factory=list, description="ordinary peers: worker and submitter")
+    workers: list[str] = Field(default_factory=list, description="keys that only run jobs")
+    submitters: list[str] = Field(default_factory=list, description="keys that only submit jobs")
+
+    _peer_keys = field_validator("peers", "workers", "submitters")(_check_keys)
+
+    def _role_lists(self) -> dict[str, tuple[list[str], frozenset[str]]]:
+        return {
+            "peers": (self.peers, PEER_ROLES),
+            "workers": (self.workers, frozenset({WORKER})),
+            "submitters": (self.submitters, frozenset({SUBMITTER})),
+        }
+
+    def roles(self) -> dict[str, frozenset[str]]:
+        """Every admitted key with the union of its roles, in the order the keys first appear."""
+        out: dict[str, frozenset[str]] = {}
+        for keys, roles in self._role_lists().values():
+            for key in keys:
+                out[key] = out.get(key, frozenset()) | roles
+        return out
+
+
+class Community(_Admitted):
+    """A community broker: a leaf node attached to one region, with its own peers.
+
+    Operators and trust services connect to hub nodes only, so a community's
+    leaf link never carries JetStream administration or protected buckets.
+    """
 
     name: NAME
     region: NAME
     client_port: PORT
     monitor_port: PORT
-    peers: list[str] = Field(default_factory=list)
-
-    _keys = field_validator("peers")(_check_keys)
 
 
-class Mesh(_Model):
-    """Mesh-wide settings."""
+class Mesh(_Admitted):
+    """Mesh-wide settings, and the keys admitted on every hub node."""
 
     name: NAME
     host: str = "127.0.0.1"
@@ -86,9 +117,25 @@ class Mesh(_Model):
     account: Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_]{0,31}$")] = "MESH"
     state_region: NAME | None = None
     state_replicas: int = Field(3, ge=1, le=5)
-    peers: list[str] = Field(default_factory=list, description="peers admitted on every hub node")
+    reply_window: str = Field("10m", description="how long a worker may answer a request it received")
+    operators: list[str] = Field(default_factory=list, description="JetStream admins; the only quarantine writers")
+    trust_services: list[str] = Field(default_factory=list, description="the only reputation writers")
 
-    _keys = field_validator("peers")(_check_keys)
+    _admin_keys = field_validator("operators", "trust_services")(_check_keys)
+
+    @field_validator("reply_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        if not _DURATION.match(value) or value == "always" or value.startswith("0") or value.endswith("ms"):
+            raise ValueError("use a duration of at least a second, such as '10m', '90s' or '1h'")
+        return value
+
+    def _role_lists(self) -> dict[str, tuple[list[str], frozenset[str]]]:
+        return {
+            **super()._role_lists(),
+            "operators": (self.operators, frozenset({OPERATOR})),
+            "trust_services": (self.trust_services, frozenset({TRUST_SERVICE})),
+        }
 
 
 class Topology(_Model):

@@ -214,7 +214,8 @@ def cluster_topology(peer: str) -> Topology:
     ]  # fmt: skip
     return Topology.model_validate(
         {
-            "mesh": {"name": "trio", "peers": [peer]},
+            # An operator too: here the clients themselves create the mesh state.
+            "mesh": {"name": "trio", "peers": [peer], "operators": [peer]},
             "region": [{"name": "solo", "sync_interval": "always", "nodes": nodes}],
         }
     )

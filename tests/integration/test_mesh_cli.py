@@ -89,6 +89,7 @@ def mini_topology(tmp_path: Path, peer: str) -> Path:
 name = "mini"
 state_replicas = 1
 peers = ["{peer}"]
+operators = ["{peer}"]
 
 [[region]]
 name = "north"
