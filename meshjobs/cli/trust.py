@@ -3,67 +3,112 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
-from meshjobs.cli._common import guarded, home, identity_for_use, local_policy, open_router, run, server_option, servers
+from meshjobs.cli._common import guarded, home, identity_for_use, local_policy, run, server_option, servers
 from meshjobs.client import Client
 from meshjobs.errors import UsageError
-from meshjobs.trust.policy import TRUST_FILE
+from meshjobs.trust.policy import TRUST_FILE, TrustPolicy
+from meshjobs.trust.reputation import summary
 
 
 @click.command()
 @click.argument("peer")
-@click.option("--evidence", "show", type=click.IntRange(0, 1000), default=10, show_default=True,
-              help="How many pieces of recent evidence to list.")  # fmt: skip
+@click.option(
+    "--evidence",
+    "with_evidence",
+    is_flag=True,
+    help="Show the chain behind the score: each piece of evidence, its proof checked, who vouched.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=20,
+    show_default=True,
+    help="With --evidence: how many of the latest pieces.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @server_option
 @guarded
-def reputation(peer: str, show: int, as_json: bool, server: str) -> None:
-    """A peer's score, explained from its signed evidence."""
-    from meshjobs.cli._render import safe_text
+def reputation(peer: str, with_evidence: bool, limit: int, as_json: bool, server: str) -> None:
+    """A peer's score as the trust service signed it, explained; --evidence for the verified chain behind it."""
     from meshjobs.identity import is_public_key
-    from meshjobs.trust.reputation import summary
 
     if not is_public_key(peer):
         raise UsageError(f"{peer[:16]!r} is not a peer key")
     identity = identity_for_use()
+    policy = local_policy()
 
     async def go() -> None:
         async with await Client.connect(servers(server), identity) as client:
-            router = await open_router(client)
-            if router is None:
-                raise UsageError("reputation needs JetStream on the broker")
-            try:
-                record = await router.book.record(peer)
-                evidence = await router.book.evidence(peer, limit=show) if show else []
-                quarantined = router.board.orders.get(peer)
-            finally:
-                await router.close()
-        items = [
-            {"valid": e is not None, "problem": problem, **(e.model_dump(exclude={"result"}) if e else {})}
-            for e, problem in evidence
-        ]
+            record, chain, order, accepted = await _look_up(client, policy, peer, limit if with_evidence else 0)
         if as_json:
-            order = quarantined.model_dump() if quarantined else None
-            click.echo(json.dumps({"peer": peer, **summary(record), "quarantine": order, "evidence": items}, indent=2))
+            shown = {"peer": peer, **summary(record), "accepted_services": sorted(accepted)}
+            shown |= {"quarantine": order.model_dump() if order else None, "evidence": chain}
+            click.echo(json.dumps(shown, indent=2))
             return
-        click.echo(f"peer {peer}")
-        click.echo(record.explain())
-        if quarantined is not None:
-            q = quarantined
-            click.echo(f"{q.action} by operator {q.operator[:12]}… (seq {q.seq}): {safe_text(q.reason, markup=False)}")
-        elif record.auto_quarantined():
-            click.echo("automatically quarantined: score below 0.3 with at least 3 pieces of bad evidence")
-        for item in items:
-            if not item["valid"]:
-                click.echo(f"  INVALID evidence: {safe_text(item['problem'], markup=False)}")
-                continue
-            who, what = item["submitter"][:12], safe_text(f"job {item['job_id']} {item['capability']}", markup=False)
-            detail = safe_text(item["detail"], markup=False)
-            click.echo(f"  {safe_text(item['kind'], markup=False):<9} {what} by {who}… {detail}")
+        _print(peer, record, chain, order, accepted, with_evidence)
 
     run(go())
+
+
+async def _look_up(client: Client, policy: TrustPolicy, peer: str, limit: int) -> tuple[Any, list[Any], Any, Any]:
+    """The peer's record, its evidence chain (*limit* pieces), the operators' order and the accepted services."""
+    import nats.errors
+
+    from meshjobs.errors import MeshError
+    from meshjobs.trust.quarantine import QuarantineBoard
+    from meshjobs.trust.reputation import ReputationBook
+
+    try:
+        book = await ReputationBook.open(client.nc, client.identity, trust_services=policy.trust_services)
+        board = await QuarantineBoard.open(client.nc, policy.operators)
+    except (MeshError, nats.errors.Error, TimeoutError) as exc:
+        raise UsageError(f"reputation needs JetStream on the broker: {exc}") from None
+    try:
+        record = await book.record(peer)
+        chain = await book.audit(peer, policy.operators | policy.pretrusted, limit) if limit else []
+        return record, chain, board.orders.get(peer), book.accepted
+    finally:
+        await board.close()
+        await book.close()
+
+
+def _print(peer: str, record: Any, chain: list[dict[str, Any]], order: Any, accepted: Any, chained: bool) -> None:
+    from meshjobs.cli._render import safe_text
+
+    click.echo(f"peer {peer}")
+    click.echo(safe_text(record.explain(), markup=False))
+    if record.service:
+        click.echo(f"signed by trust service {record.service} (record seq {record.seq})")
+    else:
+        names = ", ".join(k[:12] + "…" for k in sorted(accepted))
+        click.echo(f"no record signed by a trust service this peer accepts ({names}; [[trust_service]] in trust.toml)")
+    if order is not None:
+        q = order
+        click.echo(f"{q.action} by operator {q.operator[:12]}… (seq {q.seq}): {safe_text(q.reason, markup=False)}")
+    if chained:
+        click.echo(f"evidence, oldest first ({len(chain)}; standing and trust as of now):")
+    for item in chain:
+        click.echo("  " + _chain_line(item))
+
+
+def _chain_line(item: dict[str, Any]) -> str:
+    from meshjobs.cli._render import safe_text
+
+    if "kind" not in item:
+        return f"INVALID  {safe_text(item['problem'], markup=False)}"
+    job = safe_text(f"job {item['job_id']} {item['capability']}", markup=False)
+    who = f"by {item['submitter'][:12]}… (standing {item['standing']:.2f})"
+    proof = "proof verified" if item["proof_verified"] else "no proof"
+    if not item["valid"]:
+        return f"{item['kind']:<9} {job} {who}: INVALID, {safe_text(item['problem'], markup=False)}"
+    text = f"{item['kind']:<9} {job} {who}, {proof}; {safe_text(item['weighs'], markup=False)}"
+    if item["agreeing"]:
+        text += " [" + ", ".join(f"{a['worker'][:12]}… {a['trust']:.2f}" for a in item["agreeing"]) + "]"
+    return text
 
 
 def _order(peer: str, action: str, reason: str, server: str) -> None:
@@ -106,5 +151,5 @@ def quarantine(peer: str, reason: str, server: str) -> None:
 @server_option
 @guarded
 def release(peer: str, reason: str, server: str) -> None:
-    """End a peer's quarantine."""
+    """End a peer's quarantine: an operator's order, or the trust service's automatic one (the service honours it)."""
     _order(peer, "release", reason, server)

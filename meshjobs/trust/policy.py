@@ -1,4 +1,4 @@
-"""Who may run what on a worker, and whose quarantine orders count. Pure but for reading a file.
+"""Who may run what on a worker; whose orders, records and results count. Pure but for reading a file.
 
 The default policy trusts the worker's own key plus every key listed in the
 trust file (``$MESHJOBS_HOME/trust.toml``, or ``--trust FILE``)::
@@ -14,6 +14,21 @@ trust file (``$MESHJOBS_HOME/trust.toml``, or ``--trust FILE``)::
     key = "UAOP..."
     name = "ops"
 
+    # Trust services whose signed reputation records count (none listed: this peer's own key).
+    [[trust_service]]
+    key = "UTRU..."
+
+    # For a trust service: keys whose evidence and votes count fully from the start
+    # (EigenTrust's pre-trusted peers; operators count fully too).
+    [[pretrusted]]
+    key = "UPRE..."
+
+    # For a submitter: accept results only from these workers or communities (none listed: anyone).
+    [[accept]]
+    key = "UWRK..."                 # a worker key
+    [[accept]]
+    community = "lab"               # or every worker of a community (as discovery reports it)
+
 Capability patterns use NATS wildcards on dot-separated tokens: ``*`` is one
 token, ``>`` (last) is one or more. Unknown fields are errors, so a typo never
 silently changes who is trusted.
@@ -21,6 +36,8 @@ silently changes who is trusted.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +70,29 @@ class TrustPolicy:
     names: dict[str, str] = field(default_factory=dict, compare=False)
     capabilities: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
     operators: frozenset[str] = frozenset()
+    trust_services: frozenset[str] = frozenset()
+    """Keys whose signed reputation records count; empty: the reader's own key."""
+    pretrusted: frozenset[str] = frozenset()
+    """Keys a trust service trusts fully from the start (as it does operators)."""
+    accept_workers: frozenset[str] = frozenset()
+    accept_communities: frozenset[str] = frozenset()
+    """Whose results a submitter accepts; both empty: anyone's."""
+
+    @property
+    def restricts_results(self) -> bool:
+        return bool(self.accept_workers or self.accept_communities)
+
+    def accepts_result(self, worker: str, community: str = "") -> bool:
+        """Whether a result from *worker* (of *community*) may be accepted under ``[[accept]]``."""
+        if not self.restricts_results:
+            return True
+        return worker in self.accept_workers or bool(community and community in self.accept_communities)
+
+    def check_result(self, worker: str, community: str = "") -> None:
+        """Raise :class:`Rejected` (``untrusted``) unless :meth:`accepts_result`."""
+        if not self.accepts_result(worker, community):
+            where = f" of community {community}" if community else ""
+            raise Rejected(Reason.UNTRUSTED, f"results from worker {worker[:12]}…{where} are not accepted here")
 
     def check(self, submitter: str, capability: str) -> None:
         """Raise :class:`Rejected` unless *submitter* may run *capability*."""
@@ -68,10 +108,27 @@ class TrustPolicy:
         if name:
             names[key] = name
         capabilities = {k: v for k, v in self.capabilities.items() if k != key}
-        return TrustPolicy(self.keys | {key}, names, capabilities, self.operators)
+        return dataclasses.replace(self, keys=self.keys | {key}, names=names, capabilities=capabilities)
 
 
-_FIELDS = {"peer": {"key", "name", "capabilities"}, "operator": {"key", "name"}}
+_FIELDS = {
+    "peer": {"key", "name", "capabilities"},
+    "operator": {"key", "name"},
+    "trust_service": {"key", "name"},
+    "pretrusted": {"key", "name"},
+    "accept": {"key", "community", "name"},
+}
+_COMMUNITY = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _accept(where: str, raw: dict[str, Any]) -> tuple[str | None, str | None]:
+    """An [[accept]] entry: exactly one of a worker key or a community name."""
+    key, community = raw.get("key"), raw.get("community")
+    if (key is None) == (community is None):
+        raise PolicyFileError(f"{where}: give exactly one of 'key' (a worker) or 'community'")
+    if community is not None and not (isinstance(community, str) and _COMMUNITY.match(community)):
+        raise PolicyFileError(f"{where}: 'community' must be a community name like \"lab\"")
+    return key, community
 
 
 def _entry(path: Path, section: str, index: int, raw: Any) -> tuple[str, str | None, tuple[str, ...] | None]:
@@ -82,6 +139,10 @@ def _entry(path: Path, section: str, index: int, raw: Any) -> tuple[str, str | N
     if unknown:
         allowed = ", ".join(sorted(_FIELDS[section]))
         raise PolicyFileError(f"{where}: unknown field {sorted(unknown)[0]!r} (allowed: {allowed})")
+    if section == "accept":
+        _, community = _accept(where, raw)
+        if community is not None:
+            return f"community:{community}", None, None
     key = raw.get("key")
     if not isinstance(key, str):
         raise PolicyFileError(f"{where}: 'key' is required and must be a string")
@@ -112,26 +173,33 @@ def parse_trust(text: str, path: Path) -> TrustPolicy:
         raise PolicyFileError(f"{path}: not valid TOML: {exc}") from None
     unknown = set(data) - set(_FIELDS)
     if unknown:
-        raise PolicyFileError(f"{path}: unknown section {sorted(unknown)[0]!r} (expected [[peer]] or [[operator]])")
-    keys: set[str] = set()
+        expected = ", ".join(f"[[{s}]]" for s in _FIELDS)
+        raise PolicyFileError(f"{path}: unknown section {sorted(unknown)[0]!r} (expected {expected})")
+    keys: dict[str, set[str]] = {section: set() for section in _FIELDS}
     names: dict[str, str] = {}
     capabilities: dict[str, tuple[str, ...]] = {}
-    operators: set[str] = set()
-    for section in ("peer", "operator"):
+    for section in _FIELDS:
         entries = data.get(section, [])
         if not isinstance(entries, list):
             raise PolicyFileError(f"{path}: '{section}' must be an array of tables ([[{section}]])")
         for index, raw in enumerate(entries):
             key, name, patterns = _entry(path, section, index, raw)
-            if name:
+            if name and not key.startswith("community:"):
                 names[key] = name
-            if section == "operator":
-                operators.add(key)
-                continue
-            keys.add(key)
-            if patterns is not None:
+            keys[section].add(key)
+            if section == "peer" and patterns is not None:
                 capabilities[key] = patterns
-    return TrustPolicy(frozenset(keys), names, capabilities, frozenset(operators))
+    accept = keys["accept"]
+    return TrustPolicy(
+        frozenset(keys["peer"]),
+        names,
+        capabilities,
+        frozenset(keys["operator"]),
+        trust_services=frozenset(keys["trust_service"]),
+        pretrusted=frozenset(keys["pretrusted"]),
+        accept_workers=frozenset(k for k in accept if not k.startswith("community:")),
+        accept_communities=frozenset(k.removeprefix("community:") for k in accept if k.startswith("community:")),
+    )
 
 
 def load_trust(path: Path, *, required: bool) -> TrustPolicy:

@@ -1,191 +1,206 @@
-"""Reputation: signed evidence of what each peer did, folded into a score in replicated KV.
+"""Reputation, as readers see it: signed evidence out, signed records in.
 
-Every outcome a submitter sees becomes a piece of **evidence**, signed by the
-submitter (a ``MJ1V`` frame) and kept in the ``EVIDENCE`` stream under
-``mesh.evidence.<peer>`` where an operator can audit it; for successes,
-rejected and disputed results it carries the worker's own signed result. The
-evidence is then folded into the peer's **record** in the ``reputation`` KV
-bucket by compare-and-set, retried on conflict, so concurrent updaters never
-lose an update; each record remembers the ids of its latest 256 pieces of
-evidence, so a write that timed out but was applied is not applied again when
-it is retried (the evidence stream also drops a re-sent piece of evidence
-within its two-minute duplicate window).
+Submitters only **publish** evidence (:mod:`meshjobs.trust.evidence`, signed
+``MJ1V`` frames) to the ``EVIDENCE`` stream under ``mesh.evidence.<peer>``,
+where an operator can audit it. The trust service
+(:mod:`meshjobs.trust.service`) is the only writer of the ``reputation``
+bucket: it checks each piece and its proof and folds it into the peer's
+:class:`~meshjobs.trust.record.Record`, which it signs (``MJ1T``).
 
-Score: the mean of a Beta distribution over good and bad outcomes,
-``(α + 1) / (α + β + 2)``, where each piece of evidence adds its weight to α
-(good) or β (bad) and both decay with a half-life of seven days, so old
-behaviour fades. Weights: success +1 α; failure and timeout +1 β; a disputed
-result (outvoted by a quorum) +3 β; a rejected result (did not verify) +5 β.
-A peer with no evidence scores 0.5. A peer is **quarantined automatically**
-when its score is below 0.3 with at least three pieces of bad evidence.
+A :class:`ReputationBook` accepts only records signed by a trust service its
+owner lists (``[[trust_service]]`` in the trust file; when none is listed,
+its own key, since ``meshjobs up`` runs the service as the local identity),
+filed under the peer they are about, and per peer only a higher ``seq`` than
+it has seen. Everything else (a forged, unsigned, misfiled or rolled-back
+record, a delete) is ignored, and logged once per signer. A peer without an
+accepted record is unknown: score 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import math
-import random
-from typing import Any, Literal
+import logging
+from collections.abc import Iterable
+from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from meshjobs.envelope import EVIDENCE_MAGIC, Wire, now_ms, open_statement, seal_statement
-from meshjobs.errors import KeyExists, MeshError, Rejected
-from meshjobs.identity import Identity
-from meshjobs.state import (
-    DOMAIN,
-    BucketSpec,
-    Entry,
-    MeshKV,
-    StateSpec,
-    StreamSpec,
-    open_bucket,
-    provision,
-    read_subject,
-    watch_bucket,
-)
+from meshjobs.envelope import EVIDENCE_MAGIC, TRUST_MAGIC, claimed_signer, open_statement, seal_statement
+from meshjobs.errors import Rejected
+from meshjobs.identity import Identity, is_public_key
+from meshjobs.state import DOMAIN, BucketSpec, MeshKV, StateSpec, StreamSpec, open_bucket, provision, read_subject
+from meshjobs.trust.evidence import Evidence, Kind, Standing, assess, check_proof, make_evidence
+from meshjobs.trust.record import Record
+
+__all__ = ["BUCKET", "STATE", "STREAM", "SUBJECT", "Evidence", "Kind", "Record", "ReputationBook", "summary"]
 
 BUCKET = "reputation"
 STREAM = "EVIDENCE"
 SUBJECT = "mesh.evidence"
-STATE: tuple[StateSpec, ...] = (BucketSpec(BUCKET), StreamSpec(STREAM, (f"{SUBJECT}.>",), max_age_s=90 * 86400.0))
-HALF_LIFE_S = 7 * 24 * 3600
-WEIGHTS: dict[str, tuple[float, float]] = {
-    "success": (1.0, 0.0),
-    "failure": (0.0, 1.0),
-    "timeout": (0.0, 1.0),
-    "disputed": (0.0, 3.0),
-    "rejected": (0.0, 5.0),
-}
-PRIOR_SCORE = 0.5
-QUARANTINE_SCORE = 0.3
-QUARANTINE_MIN_BAD = 3
-RECENT_IDS = 256
-Kind = Literal["success", "failure", "timeout", "disputed", "rejected"]
+#: Several revisions per peer: a reader starting after a forged write still finds the signed one.
+SPEC = BucketSpec(BUCKET, history=8)
+STATE: tuple[StateSpec, ...] = (SPEC, StreamSpec(STREAM, (f"{SUBJECT}.>",), max_age_s=90 * 86400.0))
+MAX_RECORD_BYTES = 64 * 1024
+#: Distinct signers warned about, at most: a flood of forgeries cannot grow memory.
+MAX_WARNED = 1000
+log = logging.getLogger("meshjobs.trust.reputation")
 
 
-class Evidence(Wire):
-    """One signed observation by a submitter about a peer."""
+class RecordFilter:
+    """Which signed records count: the pure half of :class:`ReputationBook`."""
 
-    version: Literal[1]
-    id: str = Field(pattern=r"^[0-9a-f]{32}$")
-    kind: Kind
-    peer: str
-    submitter: str
-    job_id: str = Field(max_length=64)
-    capability: str = Field(max_length=128)
-    at_ms: int
-    latency_ms: float | None = None
-    detail: str = Field("", max_length=1000)
-    result: str | None = Field(None, max_length=256 * 1024)
+    def __init__(self, accepted: frozenset[str]) -> None:
+        self.accepted = accepted
+        self._warned: set[str] = set()
 
+    def open(self, key: str, data: bytes) -> Record | None:
+        """The record in one revision of *key*, or None (logged once per signer) when it does not count."""
+        if not data or not is_public_key(key):
+            return None
+        signer = claimed_signer(data) or "?"
+        if signer not in self.accepted:
+            self._warn(
+                signer,
+                f"ignoring reputation records signed by {signer[:12]}…: not a trust service here "
+                "(list the mesh's trust service as [[trust_service]] in trust.toml)",
+            )
+            return None
+        try:
+            record = open_statement(TRUST_MAGIC, Record, "service", data, MAX_RECORD_BYTES)
+        except Rejected as exc:
+            self._warn(f"{signer}/invalid", f"ignoring a reputation record that does not verify: {exc}")
+            return None
+        if record.peer != key:
+            self._warn(f"{signer}/misfiled", f"ignoring a record about {record.peer[:12]}… filed under {key[:12]}…")
+            return None
+        return record
 
-class Record(BaseModel):
-    """A peer's aggregate, as stored in the reputation bucket."""
+    def _warn(self, what: str, text: str) -> None:
+        if what in self._warned or len(self._warned) >= MAX_WARNED:
+            return
+        self._warned.add(what)
+        log.warning("%s", text)
 
-    model_config = ConfigDict(extra="forbid")
-
-    version: Literal[1] = 1
-    peer: str
-    alpha: float = 0.0
-    beta: float = 0.0
-    counts: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(WEIGHTS, 0))
-    latency_ms: float | None = None
-    updated_ms: int = 0
-    recent: list[str] = Field(default_factory=list)
-
-    def _decayed(self, now: int) -> tuple[float, float]:
-        factor = math.pow(0.5, max(now - self.updated_ms, 0) / 1000 / HALF_LIFE_S) if self.updated_ms else 1.0
-        return self.alpha * factor, self.beta * factor
-
-    def score(self, now: int | None = None) -> float:
-        alpha, beta = self._decayed(now_ms() if now is None else now)
-        return (alpha + 1) / (alpha + beta + 2)
-
-    @property
-    def bad(self) -> int:
-        return sum(self.counts.get(k, 0) for k, (_, b) in WEIGHTS.items() if b > 0)
-
-    def auto_quarantined(self, now: int | None = None) -> bool:
-        return self.bad >= QUARANTINE_MIN_BAD and self.score(now) < QUARANTINE_SCORE
-
-    def apply(self, evidence: Evidence, now: int) -> Record:
-        alpha, beta = self._decayed(now)
-        good, bad = WEIGHTS[evidence.kind]
-        counts = dict(self.counts)
-        counts[evidence.kind] = counts.get(evidence.kind, 0) + 1
-        latency = self.latency_ms
-        if evidence.latency_ms is not None and evidence.kind == "success":
-            latency = evidence.latency_ms if latency is None else 0.8 * latency + 0.2 * evidence.latency_ms
-        recent = (self.recent + [evidence.id])[-RECENT_IDS:]
-        return Record(
-            peer=self.peer,
-            alpha=alpha + good,
-            beta=beta + bad,
-            counts=counts,
-            latency_ms=latency,
-            updated_ms=now,
-            recent=recent,
-        )
-
-    def explain(self, now: int | None = None) -> str:
-        now = now_ms() if now is None else now
-        alpha, beta = self._decayed(now)
-        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
-        return (
-            f"score {self.score(now):.3f} = (α+1)/(α+β+2) with α={alpha:.2f} (good), β={beta:.2f} (bad), "
-            f"after {counts or 'no evidence'}; weights: success +1α, failure/timeout +1β, disputed +3β, "
-            f"rejected +5β; half-life {HALF_LIFE_S // 86400} days"
-        )
-
-
-def evidence_id(kind: str, peer: str, job_id: str, submitter: str) -> str:
-    """One id per (kind, peer, job, submitter): reporting the same thing twice counts once."""
-    return hashlib.sha256(f"{kind}\0{peer}\0{job_id}\0{submitter}".encode()).hexdigest()[:32]
+    @staticmethod
+    def newer(record: Record, current: Record | None) -> bool:
+        return current is None or record.seq > current.seq
 
 
 class ReputationBook:
-    """Reads and writes reputation for one submitter identity."""
+    """Reads signed records and publishes evidence for one identity."""
 
-    def __init__(self, nc: NATS, identity: Identity, kv: MeshKV) -> None:
+    def __init__(self, nc: NATS, identity: Identity, kv: MeshKV, *, trust_services: Iterable[str] = ()) -> None:
         self.nc = nc
         self.identity = identity
         self.kv = kv
         self.js = nc.jetstream(domain=DOMAIN, timeout=5.0)
+        self.filter = RecordFilter(frozenset(trust_services) or frozenset({identity.public_key}))
         self._cache: dict[str, Record] | None = None
         self._watch: asyncio.Task[None] | None = None
 
+    @property
+    def accepted(self) -> frozenset[str]:
+        """The trust service keys whose records count."""
+        return self.filter.accepted
+
+    @classmethod
+    async def open(
+        cls,
+        nc: NATS,
+        identity: Identity,
+        *,
+        trust_services: Iterable[str] = (),
+        replicas: int | None = None,
+        placement: str | None = None,
+    ) -> ReputationBook:
+        """Open (creating where missing and allowed) the bucket and the evidence stream.
+
+        *trust_services*: the keys whose records count (``TrustPolicy.trust_services``);
+        none: this identity's own. Existing state keeps its replicas and placement.
+        """
+        await provision(nc, STATE, replicas=replicas, placement=placement)
+        kv = await open_bucket(nc, BUCKET, create=False)
+        return cls(nc, identity, kv, trust_services=trust_services)
+
     async def watch(self) -> None:
-        """Keep every record in memory, updated as the bucket changes (routers read per job)."""
+        """Keep every accepted record in memory, following the bucket (routers read per job)."""
         cache: dict[str, Record] = {}
         ready = asyncio.Event()
-
-        def on_entry(entry: Entry) -> None:
-            cache[entry.key] = _parse(entry.value, entry.key)
-
-        self._watch = asyncio.create_task(watch_bucket(self.kv, on_entry, ready))
-        await asyncio.wait_for(ready.wait(), 10)
+        self._watch = asyncio.create_task(self._follow(cache, ready))
+        try:
+            await asyncio.wait_for(ready.wait(), 10)
+        except BaseException:
+            await self.close()
+            raise
         self._cache = cache
+
+    async def _follow(self, cache: dict[str, Record], ready: asyncio.Event) -> None:
+        """Every kept revision, then every new one: the highest accepted seq per peer wins."""
+        while True:
+            watcher: Any = None
+            try:
+                kv = await self.nc.jetstream(domain=DOMAIN, timeout=2.0).key_value(BUCKET)
+                watcher = await kv.watch(">", include_history=True)
+                async for update in watcher:
+                    if update is None:
+                        ready.set()
+                        continue
+                    record = self.filter.open(update.key, update.value or b"")
+                    if record is not None and self.filter.newer(record, cache.get(update.key)):
+                        cache[update.key] = record
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.debug("reputation watch broke (%s); restarting", exc)
+            finally:
+                if watcher is not None:
+                    try:
+                        await watcher.stop()
+                    except nats.errors.Error:
+                        pass  # the connection is closing
+            await asyncio.sleep(0.5)
 
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
 
-    @classmethod
-    async def open(
-        cls, nc: NATS, identity: Identity, *, replicas: int | None = None, placement: str | None = None
-    ) -> ReputationBook:
-        """Open (creating where missing) the bucket and the evidence stream.
+    # -- records -------------------------------------------------------------------
 
-        Where they exist already (an operator provisioned them with
-        `meshjobs mesh up`), their replicas and placement are kept.
-        """
-        await provision(nc, STATE, replicas=replicas, placement=placement)
-        kv = await open_bucket(nc, BUCKET, create=False)
-        return cls(nc, identity, kv)
+    def cached(self, peer: str) -> Record | None:
+        """The peer's record as the watch last saw it (None before :meth:`watch` or without one): no I/O."""
+        return None if self._cache is None else self._cache.get(peer)
+
+    async def record(self, peer: str) -> Record:
+        """The peer's record: the latest accepted revision the bucket keeps, else an unknown one."""
+        if self._cache is not None and peer in self._cache:
+            return self._cache[peer]
+        entry = await self.kv.get(peer)
+        if entry is not None and (record := self.filter.open(peer, entry.value)) is not None:
+            return record
+        best: Record | None = None
+        for value in await self._history(peer):  # a forged or deleted latest revision hides nothing
+            record = self.filter.open(peer, value)
+            if record is not None and self.filter.newer(record, best):
+                best = record
+        return best or Record(peer=peer)
+
+    async def _history(self, peer: str) -> list[bytes]:
+        if not is_public_key(peer):
+            return []
+        try:
+            kv = await self.js.key_value(BUCKET)
+            return [e.value or b"" for e in await kv.history(peer)]
+        except (TimeoutError, nats.errors.Error):
+            return []
+
+    async def records(self, peers: list[str]) -> dict[str, Record]:
+        if self._cache is not None:
+            return {p: self._cache.get(p) or Record(peer=p) for p in peers}
+        found = await asyncio.gather(*(self.record(p) for p in peers))
+        return dict(zip(peers, found, strict=True))
+
+    # -- evidence ------------------------------------------------------------------
 
     def evidence_for(
         self,
@@ -197,29 +212,32 @@ class ReputationBook:
         latency_ms: float | None = None,
         detail: str = "",
         result: bytes | None = None,
+        request: bytes | None = None,
+        proof: Iterable[tuple[bytes, bytes]] = (),
     ) -> Evidence:
-        """A piece of evidence by this submitter (not yet signed or stored)."""
-        return Evidence(
-            version=1,
-            id=evidence_id(kind, peer, job_id, self.identity.public_key),
-            kind=kind,
-            peer=peer,
-            submitter=self.identity.public_key,
+        """A piece of evidence by this submitter (not yet signed or published).
+
+        *request* is the signed envelope frame *result* answers (``Outcome.request``
+        and ``Outcome.frame``); *proof* is (request, result) frame pairs of other
+        workers for the same job: the agreeing ones for ``agree``, the side
+        that outweighs the peer for ``wrong``. Frames too large to embed
+        (over 256 KiB) are left out, and the proof then fails.
+        """
+        return make_evidence(
+            kind,
+            peer,
+            self.identity.public_key,
             job_id=job_id,
             capability=capability,
-            at_ms=now_ms(),
             latency_ms=latency_ms,
-            detail=detail[:1000],
-            result=result.decode("utf-8", "replace")[: 256 * 1024] if result else None,
+            detail=detail,
+            request=request,
+            result=result,
+            proof=proof,
         )
 
-    async def report(self, kind: Kind, peer: str, **details: Any) -> Record:
-        """Sign evidence, keep it in the evidence stream, fold it into the peer's record."""
-        records = await self.store([self.evidence_for(kind, peer, **details)])
-        return records[peer]
-
-    async def store(self, batch: list[Evidence]) -> dict[str, Record]:
-        """Sign and keep every piece of *batch*, then fold each peer's share in one update."""
+    async def publish(self, batch: list[Evidence]) -> None:
+        """Sign every piece of *batch* and publish it to the evidence stream (the trust service folds it)."""
         await asyncio.gather(
             *(
                 self.js.publish(
@@ -230,73 +248,81 @@ class ReputationBook:
                 for e in batch
             )
         )
-        by_peer: dict[str, list[Evidence]] = {}
-        for evidence in batch:
-            by_peer.setdefault(evidence.peer, []).append(evidence)
-        folded = await asyncio.gather(*(self.fold(*items) for items in by_peer.values()))
-        return dict(zip(by_peer, folded, strict=True))
 
-    async def fold(self, *batch: Evidence) -> Record:
-        """Compare-and-set evidence about one peer into its record; retried on conflict, applied once."""
-        peer = batch[0].peer
-        for attempt in range(100):
-            entry = await self.kv.get(peer)
-            record = _parse(entry.value, peer) if entry else Record(peer=peer)
-            updated = record
-            now = now_ms()
-            for evidence in batch:
-                if evidence.id not in updated.recent:
-                    updated = updated.apply(evidence, now)
-            if updated is record:
-                return record
-            data = updated.model_dump_json().encode()
-            try:
-                if entry is None:
-                    await self.kv.create(peer, data)
-                else:
-                    await self.kv.update(peer, data, last=entry.revision)
-                if self._cache is not None:
-                    self._cache[peer] = updated  # the watch confirms it a moment later
-                return updated
-            except KeyExists:
-                await asyncio.sleep(random.uniform(0, 0.01 * min(attempt + 1, 10)))
-        raise MeshError(f"could not update the reputation of {peer[:12]}…: too much contention")
+    async def store(self, batch: list[Evidence]) -> None:
+        """Old name of :meth:`publish` (submitters no longer write records)."""
+        await self.publish(batch)
 
-    async def record(self, peer: str) -> Record:
-        entry = await self.kv.get(peer)
-        return _parse(entry.value, peer) if entry else Record(peer=peer)
-
-    async def records(self, peers: list[str]) -> dict[str, Record]:
-        if self._cache is not None:
-            return {p: self._cache.get(p) or Record(peer=p) for p in peers}
-        found = await asyncio.gather(*(self.record(p) for p in peers))
-        return dict(zip(peers, found, strict=True))
+    async def report(self, kind: Kind, peer: str, **details: Any) -> Evidence:
+        """Make, sign and publish one piece of evidence."""
+        evidence = self.evidence_for(kind, peer, **details)
+        await self.publish([evidence])
+        return evidence
 
     async def evidence(self, peer: str, limit: int = 100) -> list[tuple[Evidence | None, str]]:
-        """The latest evidence about *peer*, each verified: (evidence or None, problem)."""
+        """The latest evidence about *peer*, each signature verified: (evidence or None, problem)."""
         out: list[tuple[Evidence | None, str]] = []
         for msg in await read_subject(self.js, STREAM, f"{SUBJECT}.{peer}"):
             try:
                 out.append((open_statement(EVIDENCE_MAGIC, Evidence, "submitter", msg.data), ""))
             except Rejected as exc:
                 out.append((None, str(exc)))
-        return out[-limit:]
+        return out[-limit:] if limit else []
+
+    async def audit(self, peer: str, anchors: frozenset[str], limit: int = 20) -> list[dict[str, Any]]:
+        """The chain behind *peer*'s score: each piece of evidence, its proof checked, weighed as of now."""
+        pieces = await self.evidence(peer, limit)
+        keys = {peer} | {e.submitter for e, _ in pieces if e}
+        for e, _ in pieces:
+            if e is not None:
+                try:
+                    keys |= set(check_proof(e).others)
+                except Rejected:
+                    pass
+        records = await self.records(sorted(keys))
+        anchors = anchors | self.accepted | {key for key, record in records.items() if record.anchor}
+        standing = Standing(anchors, lambda key: records[key].credibility() if key in records else 0.0)
+        return [audit_item(e, problem, standing) for e, problem in pieces]
 
 
-def _parse(data: bytes, peer: str) -> Record:
-    try:
-        record = Record.model_validate_json(data)
-    except ValidationError:
-        return Record(peer=peer)  # an unreadable record restarts from the prior
-    return record
+def audit_item(evidence: Evidence | None, problem: str, standing: Standing) -> dict[str, Any]:
+    """One piece of evidence as ``reputation --evidence`` shows it."""
+    if evidence is None:
+        return {"valid": False, "problem": problem}
+    verdict = assess(evidence, standing)
+    return {
+        "valid": verdict.valid,
+        "problem": verdict.problem,
+        "id": evidence.id,
+        "kind": evidence.kind,
+        "job_id": evidence.job_id,
+        "capability": evidence.capability,
+        "at_ms": evidence.at_ms,
+        "submitter": evidence.submitter,
+        "standing": round(verdict.standing, 4),
+        "proof_verified": verdict.proof_checked,
+        "agreeing": [{"worker": w, "trust": round(t, 4)} for w, t in verdict.agreeing],
+        "accused_trust": round(verdict.accused, 4),
+        "outweighed": verdict.side > verdict.accused if evidence.kind == "wrong" and verdict.valid else None,
+        "detail": evidence.detail,
+        "weighs": verdict.explain(),
+    }
 
 
 def summary(record: Record) -> dict[str, Any]:
     """What ``peers --json`` and ``reputation --json`` show of a record."""
     return {
         "score": round(record.score(), 4),
+        "mean": round(record.mean(), 4),
+        "credibility": round(record.credibility(), 4),
+        "anchor": record.anchor,
         "counts": record.counts,
+        "verified": record.verified,
+        "wrong": record.wrong,
         "latency_ms": None if record.latency_ms is None else round(record.latency_ms, 3),
-        "auto_quarantined": record.auto_quarantined(),
+        "auto_quarantined": record.quarantined,
+        "reason": record.reason,
+        "signed_by": record.service or None,
+        "seq": record.seq,
         "explanation": record.explain(),
     }

@@ -1,4 +1,10 @@
-"""Trust-routed execution with real worker processes: an honest, a dishonest and a flaky peer."""
+"""Trust-routed execution with real worker processes: an honest, a dishonest and a flaky peer.
+
+A trust service runs in the test (as the submitter's identity, as `meshjobs up`
+runs it, so the submitter's router accepts its records without listing it);
+honest-a is pre-trusted in its policy. Records appear once it has folded the
+evidence, so tests wait for them with :func:`settled`.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from meshjobs import Client, JobTimeout, Rejected
+from meshjobs import Client, HandlerError, JobTimeout, NoPeerError, Rejected
 from meshjobs._nats import connect
 from meshjobs.errors import Reason
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.infra.broker import NatsServer
 from meshjobs.router import Constraints, Router
+from meshjobs.trust.policy import TrustPolicy
 from meshjobs.trust.quarantine import issue_order
-from meshjobs.trust.reputation import QUARANTINE_SCORE, ReputationBook
+from meshjobs.trust.record import Record
+from meshjobs.trust.reputation import ReputationBook
+from meshjobs.trust.service import TrustService
 from tests.conftest import REPO, WorkerProcess, cli_env, meshjobs
 
 pytestmark = pytest.mark.integration
@@ -33,23 +42,44 @@ class Cast:
     homes: dict[str, Path]
     keys: dict[str, str]
     url: str
+    peers: dict[str, Identity]
 
 
 @pytest.fixture
-def cast(tmp_path: Path, broker: NatsServer) -> Cast:
+async def cast(tmp_path: Path, broker: NatsServer) -> AsyncIterator[Cast]:
     submitter, operator = Identity.generate(), Identity.generate()
     trust = (
         f'[[peer]]\nkey = "{submitter.public_key}"\n\n[[peer]]\nkey = "{operator.public_key}"\n\n'
-        f'[[operator]]\nkey = "{operator.public_key}"\n'
+        f'[[operator]]\nkey = "{operator.public_key}"\n\n[[trust_service]]\nkey = "{submitter.public_key}"\n'
     )
-    homes, keys = {}, {}
+    homes, keys, peers = {}, {}, {}
     for name in ("submitter", "operator", "honest-a", "honest-b", "dishonest", "flaky"):
         identity = {"submitter": submitter, "operator": operator}.get(name) or Identity.generate()
         homes[name] = tmp_path / name
         save_identity(identity, homes[name] / IDENTITY_FILE)
         (homes[name] / "trust.toml").write_text(trust)
-        keys[name] = identity.public_key
-    return Cast(submitter, operator, homes, keys, broker.url)
+        keys[name], peers[name] = identity.public_key, identity
+    policy = TrustPolicy(operators=frozenset({operator.public_key}), pretrusted=frozenset({keys["honest-a"]}))
+    nc = await connect(broker.url, submitter)
+    service = await TrustService.open(nc, submitter, policy)
+    task = asyncio.create_task(service.run())
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        yield Cast(submitter, operator, homes, keys, broker.url, peers)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await service.close()
+        await nc.close()
+
+
+async def settled(book: ReputationBook, peer: str, until: Callable[[Record], bool], timeout: float = 5) -> Record:
+    """The peer's record once the trust service has folded what *until* waits for."""
+    deadline = time.monotonic() + timeout
+    while not until(record := await book.record(peer)):
+        assert time.monotonic() < deadline, f"the trust service did not get there within {timeout} s: {record}"
+        await asyncio.sleep(0.05)
+    return record
 
 
 @pytest.fixture
@@ -85,26 +115,24 @@ async def test_redundancy_outvotes_and_quarantines_a_cheater(cast: Cast, workers
     client, router = await router_for(cast, ["honest-a", "honest-b", "dishonest"])
     cheater = cast.keys["dishonest"]
     try:
-        jobs_until_quarantine = None
         for i in range(1, 13):
             done = await router.submit_redundant("math.square", {"x": i}, replicas=3, quorum=2, timeout=20)
             assert done.outcome.value == i * i  # the dishonest result is never returned
             await router.flush()
-            record = await router.book.record(cheater)
-            if jobs_until_quarantine is None:
+            if i == 1:
                 assert cheater in done.dissenting
-                if record.auto_quarantined():
-                    jobs_until_quarantine = i
+                # Outweighed by the pre-trusted honest-a: proven wrong, quarantined by the trust service at once.
+                record = await settled(router.book, cheater, lambda r: r.quarantined)
             else:
                 # Quarantined: it gets no more work.
                 assert cheater not in {a.peer for a in done.trace}, done.trace
-        assert jobs_until_quarantine is not None and jobs_until_quarantine <= 3
-        assert record.score() < QUARANTINE_SCORE and record.counts["disputed"] == jobs_until_quarantine
-        honest = await router.book.record(cast.keys["honest-a"])
-        assert honest.counts["success"] == 12 and honest.score() > 0.9
+        assert record.wrong == 1 and record.score() < 0.05 and "outweighed" in record.reason
+        honest = await settled(router.book, cast.keys["honest-b"], lambda r: r.jobs == 12)
+        assert honest.score() > 0.4 and not honest.quarantined
         evidence = await router.book.evidence(cheater)
-        assert [e.kind for e, _ in evidence if e] == ["disputed"] * jobs_until_quarantine
+        assert [e.kind for e, _ in evidence if e] == ["wrong"]
         assert all(e.result and e.result.startswith("MJ1R ") for e, _ in evidence if e)  # the cheater's own signature
+        assert all(len(e.proof) == 2 for e, _ in evidence if e)  # both honest signed results
     finally:
         await router.close()
         await client.close()
@@ -113,25 +141,31 @@ async def test_redundancy_outvotes_and_quarantines_a_cheater(cast: Cast, workers
 async def test_min_trust_avoids_a_flaky_peer_and_fallback_completes_everything(
     cast: Cast, workers: Callable[..., WorkerProcess]
 ) -> None:
-    workers("honest-a", "tests.apps:honest")
+    workers("honest-b", "tests.apps:honest")
     workers("flaky", "tests.apps:flaky")
-    client, router = await router_for(cast, ["honest-a", "flaky"])
-    flaky, honest = cast.keys["flaky"], cast.keys["honest-a"]
-    trusted = Constraints(min_trust=0.5)
+    client, router = await router_for(cast, ["honest-b", "flaky"])
+    flaky, honest = cast.keys["flaky"], cast.keys["honest-b"]
     try:
+        # Unknown peers score 0 (a lower credible bound): nobody passes --min-trust 0.5 yet.
+        with pytest.raises(NoPeerError):
+            await router.submit("math.square", {"x": 1}, constraints=Constraints(min_trust=0.5), timeout=5)
         first = await router.submit("math.square", {"x": 2}, constraints=Constraints(peer=flaky), timeout=10)
-        assert first.outcome.worker == flaky  # flaky's job 0 succeeds: it now outranks the unknown honest peer
-        await router.flush()
-        fell_back = await router.submit("math.square", {"x": 3}, constraints=trusted, timeout=10)
-        assert [(a.peer, a.outcome) for a in fell_back.trace] == [(flaky, "failure"), (honest, "success")]
-        assert fell_back.outcome.value == 9
-        await router.flush()
+        assert first.outcome.worker == flaky and first.outcome.value == 4  # flaky's job 0 succeeds
+        with pytest.raises(HandlerError):  # job 1 fails
+            await router.submit("math.square", {"x": 3}, constraints=Constraints(peer=flaky), timeout=10)
         with pytest.raises(JobTimeout):  # job 2 hangs: a timeout is evidence too
             await router.submit("math.square", {"x": 4}, constraints=Constraints(peer=flaky), timeout=3)
-        await router.flush()
-        assert (await router.book.record(flaky)).score() < 0.5
         for x in range(10):
-            done = await router.submit("math.square", {"x": x}, constraints=trusted, timeout=10)
+            done = await router.submit("math.square", {"x": x}, constraints=Constraints(peer=honest), timeout=10)
+            assert done.outcome.value == x * x
+        await router.flush()
+        bad = await settled(router.book, flaky, lambda r: r.jobs == 3)
+        good = await settled(router.book, honest, lambda r: r.jobs == 10)
+        assert bad.failures == 1 and bad.timeouts == 1 and bad.score() < 0.05 and not bad.quarantined
+        assert good.score() > 0.4 > 0.3 > bad.score()
+        # Only the honest peer qualifies now, and every job completes.
+        for x in range(10):
+            done = await router.submit("math.square", {"x": x}, constraints=Constraints(min_trust=0.3), timeout=10)
             assert done.outcome.value == x * x
             assert {a.peer for a in done.trace} == {honest}
     finally:
@@ -202,11 +236,11 @@ def test_only_operators_may_quarantine(cast: Cast) -> None:
 
 
 async def test_concurrent_updaters_lose_no_update(cast: Cast) -> None:
-    """5 processes each fold 20 pieces of evidence into the same peer's record at once."""
-    peer = Identity.generate().public_key
+    """5 processes each publish 20 pieces of evidence about the same peer at once; the service folds all 100."""
+    peer = Identity.generate()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.reputation_writer", cast.url, "-", peer, "20", f"w{n}"],
+            [sys.executable, "-m", "tests.reputation_writer", cast.url, "20", f"w{n}"],
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -217,22 +251,23 @@ async def test_concurrent_updaters_lose_no_update(cast: Cast) -> None:
     ]
     for proc in procs:
         assert proc.stdin is not None
-        proc.stdin.write(cast.submitter.seed_text() + "\n")
+        proc.stdin.write(cast.submitter.seed_text() + "\n" + peer.seed_text() + "\n")
         proc.stdin.close()
     for proc in procs:
         assert await asyncio.to_thread(proc.wait, 120) == 0, proc.stderr.read() if proc.stderr else ""
     nc = await connect(cast.url, cast.submitter)
     try:
         book = await ReputationBook.open(nc, cast.submitter)
-        record = await book.record(peer)
-        assert record.counts["success"] == 100
-        evidence = await book.evidence(peer, limit=1000)
+        record = await settled(book, peer.public_key, lambda r: r.successes == 100, timeout=15)
+        assert record.jobs == 100 and record.service == cast.submitter.public_key
+        evidence = await book.evidence(peer.public_key, limit=1000)
         assert len(evidence) == 100 and all(e is not None for e, _ in evidence)
-        # The latest evidence folded again (a write that timed out but was applied, retried): counts once.
+        # The latest evidence published again (a publish that timed out but was stored, retried): counts once.
         latest = evidence[-1][0]
         assert latest is not None
-        again = await book.fold(latest)
-        assert again.counts["success"] == 100
+        await book.publish([latest.model_copy(update={"id": "0" * 32})])
+        await asyncio.sleep(1.0)
+        assert (await book.record(peer.public_key)).successes == 100
     finally:
         await nc.close()
 
