@@ -1,0 +1,139 @@
+"""What the simulated peers do: the plan of a run, the honest answer, and each cheater's behaviour. Pure.
+
+Every peer offers one deterministic capability, :data:`CAPABILITY`, whose
+honest answer is a pure function of the job's arguments
+(:func:`honest_value`). Honest peers always return it; a malicious peer's
+answer depends on the scenario:
+
+- ``always-wrong``: a wrong value every time (its own, per job);
+- ``camouflage``: the honest value, but a wrong one with probability ``p``;
+- ``collective``: a wrong value every time, the *same* one for every cheater
+  (they collude, so a cross-check between two cheaters agrees);
+- ``long-con``: honest for its first ``k`` runs, then always wrong;
+- ``forge``: always wrong, and besides it forges reputation records and files
+  false evidence with fresh submitter keys (see :mod:`meshjobs.sim.forge`).
+
+The plan (who cheats, who is pre-trusted, every job's arguments) follows from
+the seed alone, so a run can be repeated; which peer runs which job is up to
+the mesh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from meshjobs.errors import UsageError
+
+CAPABILITY = "sim.compute"
+Scenario = Literal["always-wrong", "camouflage", "collective", "long-con", "forge"]
+SCENARIOS: tuple[Scenario, ...] = ("always-wrong", "camouflage", "collective", "long-con", "forge")
+MAX_PRETRUSTED = 3
+#: Rounds of hashing per job: a little real work, far below the cost of the messaging.
+ROUNDS = 64
+
+
+def honest_value(x: int, salt: str) -> str:
+    """The one right answer to a job: a pure function of its arguments."""
+    value = f"{x}:{salt}".encode()
+    for _ in range(ROUNDS):
+        value = hashlib.sha256(value).digest()
+    return value.hex()[:24]
+
+
+def _wrong(*parts: object) -> str:
+    # Shaped like an honest answer (24 hex digits), so nothing but the value gives a cheater away.
+    return hashlib.sha256("\0".join(map(str, ("wrong", *parts))).encode()).hexdigest()[:24]
+
+
+def _coin(*parts: object) -> float:
+    """A reproducible number in [0, 1) from *parts*."""
+    return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:8], "big") / 2**64
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How one peer answers; :meth:`answer` is called once per run of its handler."""
+
+    honest: bool
+    scenario: Scenario = "always-wrong"
+    p: float = 0.3
+    k: int = 5
+    seed: int = 0
+    index: int = 0
+
+    def answer(self, runs_before: int, x: int, salt: str) -> str:
+        """The value this peer returns for a job, given how many jobs it ran before."""
+        right = honest_value(x, salt)
+        if self.honest:
+            return right
+        if self.scenario == "camouflage" and _coin(self.seed, self.index, x, salt) >= self.p:
+            return right
+        if self.scenario == "long-con" and runs_before < self.k:
+            return right
+        if self.scenario == "collective":
+            return _wrong(x, salt)  # the same wrong value from every cheater
+        return _wrong(self.index, x, salt)
+
+    @property
+    def forges(self) -> bool:
+        return not self.honest and self.scenario == "forge"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Who is who in a run, from the seed: indices of malicious and of pre-trusted peers."""
+
+    peers: int
+    malicious: frozenset[int]
+    pretrusted: frozenset[int]
+    scenario: Scenario
+    seed: int
+    p: float
+    k: int
+
+    def behaviour(self, index: int) -> Behaviour:
+        return Behaviour(index not in self.malicious, self.scenario, self.p, self.k, self.seed, index)
+
+    @property
+    def honest(self) -> frozenset[int]:
+        return frozenset(range(self.peers)) - self.malicious
+
+
+def make_plan(
+    peers: int, malicious: float, scenario: str, seed: int, *, pretrusted: int = 0, p: float = 0.3, k: int = 5
+) -> Plan:
+    """Choose the cheaters (``round(peers * malicious)`` of them) and the pre-trusted honest peers."""
+    if scenario not in SCENARIOS:
+        raise UsageError(f"unknown scenario {scenario!r} (one of {', '.join(SCENARIOS)})")
+    if peers < 2:
+        raise UsageError("a simulation needs at least 2 peers")
+    if not 0 <= malicious < 1:
+        raise UsageError("the malicious fraction must be at least 0 and below 1")
+    if not 0 <= p <= 1:
+        raise UsageError("p must be between 0 and 1")
+    if k < 0:
+        raise UsageError("k cannot be negative")
+    bad = round(peers * malicious)
+    if not 0 <= pretrusted <= min(MAX_PRETRUSTED, peers - bad):
+        raise UsageError(f"pre-trusted peers: at most {MAX_PRETRUSTED}, and only honest ones ({peers - bad} here)")
+    rng = random.Random(f"meshjobs-sim:{seed}:plan")
+    cheaters = frozenset(rng.sample(range(peers), bad))
+    honest = sorted(set(range(peers)) - cheaters)
+    anchors = frozenset(rng.sample(honest, pretrusted))
+    chosen = next(s for s in SCENARIOS if s == scenario)
+    return Plan(peers, cheaters, anchors, chosen, seed, p, k)
+
+
+def job_args(seed: int, task: int) -> dict[str, Any]:
+    """Fresh arguments for job number *task* of a run (reproducible from the seed)."""
+    rng = random.Random(f"meshjobs-sim:{seed}:job:{task}")
+    return {"task": task, "x": rng.randrange(2**31), "salt": f"{rng.getrandbits(64):016x}"}
+
+
+def expected(seed: int, task: int) -> str:
+    """The honest value of job number *task* of a run."""
+    args = job_args(seed, task)
+    return honest_value(args["x"], args["salt"])

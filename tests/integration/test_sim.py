@@ -1,0 +1,114 @@
+"""`meshjobs sim` end to end: a small run through the CLI, and a clean stop on Ctrl-C.
+
+Each run starts its own embedded broker, trust service and worker processes
+(under a private TMPDIR here, so the test can check that nothing is left).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import REPO, cli_env
+
+FIELDS = (
+    "wrong_rate", "executions_per_job", "honest_work_share", "pretrusted_work_share", "honest_peers_used",
+    "honest", "malicious", "malicious_quarantined", "honest_quarantined", "jobs", "seconds",
+    "scenario", "seed", "peers", "pretrusted",
+)  # fmt: skip
+
+
+def leftovers(tmp: Path) -> list[str]:
+    """Processes whose command line names a path under *tmp* (the run's broker and hosts do)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(tmp) in cmdline and state != "Z":
+            found.append(f"{entry.name}: {cmdline[:120]}")
+    return found
+
+
+def sim(tmp: Path, home: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshjobs", "sim", *args],
+        env=cli_env(home, TMPDIR=str(tmp)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_small_run_reports_consistent_numbers(tmp_path: Path, home: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    args = ("--peers", "8", "--malicious", "0.375", "--jobs", "40", "--seed", "3", "--processes", "2")
+    out = sim(tmp, home, *args, "--scenario", "always-wrong", "--pretrusted", "1", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert not [f for f in FIELDS if f not in report]
+    assert (report["scenario"], report["seed"], report["peers"], report["pretrusted"]) == ("always-wrong", 3, 8, 1)
+    assert (report["honest"], report["malicious"]) == (5, 3)
+    assert report["jobs"] == report["jobs_finished"] == 40
+    assert report["answered"] + report["failed"] == 40
+    assert report["executions_per_job"] >= 1
+    for share in ("wrong_rate", "honest_work_share", "pretrusted_work_share", "honest_peers_used", "failed_rate"):
+        assert 0 <= report[share] <= 1, share
+    assert 0 <= report["malicious_quarantined"] <= report["malicious"]
+    assert report["honest_quarantined"] == 0
+    assert report["wrong"] == round(report["wrong_rate"] * 40)
+    detail = report["detail"]
+    assert len(detail) == 8 and sum(p["executions"] for p in detail) == report["executions"]
+    assert sum(p["executions"] for p in detail if p["role"] == "malicious") == report["malicious_executions"]
+    assert sum(p["quarantined"] for p in detail if p["role"] != "malicious") == 0
+    assert report["other_executions"] == 0
+    assert report["seconds"] > 0 and not report["timed_out"]
+    # Honest peers never answer wrong; every cheater's answer is wrong.
+    assert all(p["wrong_answers"] == 0 for p in detail if p["role"] != "malicious")
+    assert all(p["wrong_answers"] == p["executions"] for p in detail if p["role"] == "malicious")
+    assert list(tmp.iterdir()) == [] and leftovers(tmp) == []
+
+
+def test_ctrl_c_stops_every_process_and_removes_the_run(tmp_path: Path, home: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshjobs", "sim", "--peers", "4", "--jobs", "100000", "--processes", "2"],
+            env=cli_env(home, TMPDIR=str(tmp)),
+            cwd=REPO,
+            stdin=devnull,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        # Wait until the run is under way: its execution log has lines.
+        while time.monotonic() < deadline and not any(
+            p.stat().st_size for p in tmp.glob("meshjobs-sim-*/executions.jsonl")
+        ):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        assert leftovers(tmp), "the run never started its processes"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert leftovers(tmp) == []
+    assert list(tmp.iterdir()) == []
