@@ -6,7 +6,14 @@ name, kind, region and community; each capability is an endpoint.
 
 We answer the protocol ourselves rather than through ``nats.micro`` because
 micro runs each endpoint's handler serially and times it, while our handlers
-run concurrently and keep their own statistics.
+run concurrently and keep their own statistics. The replies follow the micro
+schema exactly (nats-py's ``ServicePing``/``ServiceInfo``/``ServiceStats.from_dict``
+parse them; a test holds us to that). ``$SRV.STATS`` counts the jobs each
+endpoint ran: the queue-group and direct subjects for live jobs, and a
+``<capability>-durable`` endpoint (subject ``mesh.jobs.<capability>``, queue
+group: the shared JetStream consumer) for durable runs, whose ``data`` adds
+redeliveries and dead-lettered jobs. Refusals before any handler ran are not
+requests here; Prometheus counts them by reason.
 """
 
 from __future__ import annotations
@@ -19,15 +26,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from meshjobs.observe.metrics import JobObserver
+from meshjobs.subjects import PEER_QUEUE
 
 SERVICE_NAME = "meshjobs"
 INFO_TYPE = "io.nats.micro.v1.info_response"
 PING_TYPE = "io.nats.micro.v1.ping_response"
 STATS_TYPE = "io.nats.micro.v1.stats_response"
 MAX_REPLY_BYTES = 1024 * 1024
+
+
+DURABLE_SUFFIX = "-durable"
 
 
 @dataclass
@@ -38,6 +52,8 @@ class EndpointStats:
     num_errors: int = 0
     processing_time: int = 0
     last_error: str = ""
+    redeliveries: int = 0
+    dead_lettered: int = 0
 
     def record(self, elapsed_ns: int, error: str | None = None) -> None:
         self.num_requests += 1
@@ -55,6 +71,38 @@ class Endpoint:
     metadata: dict[str, str]
     stats: EndpointStats = field(default_factory=EndpointStats)
 
+    @property
+    def path(self) -> str:
+        """How jobs reach this endpoint: ``queue``, ``direct`` or ``durable`` (as :class:`JobObserver` says)."""
+        if self.name.endswith(DURABLE_SUFFIX):
+            return "durable"
+        return "direct" if self.queue_group == PEER_QUEUE else "queue"
+
+
+class EndpointStatsObserver(JobObserver):
+    """Keeps the ``$SRV.STATS`` counters of a responder's endpoints from what the worker reports."""
+
+    def __init__(self, responder: ServiceResponder) -> None:
+        self.responder = responder
+
+    def _endpoint(self, capability: str, path: str) -> Endpoint | None:
+        for endpoint in self.responder.all_endpoints():
+            if endpoint.metadata.get("capability") == capability and endpoint.path == path:
+                return endpoint
+        return None
+
+    def job_finished(self, capability: str, path: str, outcome: str, seconds: float, error: str | None) -> None:
+        if (endpoint := self._endpoint(capability, path)) is not None:
+            endpoint.stats.record(int(seconds * 1e9), None if outcome == "ok" else (error or outcome))
+
+    def redelivered(self, capability: str) -> None:
+        if (endpoint := self._endpoint(capability, "durable")) is not None:
+            endpoint.stats.redeliveries += 1
+
+    def dead_lettered(self, capability: str) -> None:
+        if (endpoint := self._endpoint(capability, "durable")) is not None:
+            endpoint.stats.dead_lettered += 1
+
 
 class ServiceResponder:
     """Answers ``$SRV`` requests for one worker process."""
@@ -65,8 +113,28 @@ class ServiceResponder:
         self.description = description
         self.metadata = metadata
         self.endpoints: list[Endpoint] = []
+        """The endpoints jobs arrive on (the worker subscribes to each)."""
+        self.durable_names: Callable[[str], tuple[str, str]] | None = None
+        """Capability -> (subject, consumer) of its durable queue, when the worker consumes durable jobs:
+        each queue endpoint then gets a ``-durable`` twin in INFO and STATS (jobs are pulled, not
+        delivered on that subject, so it is never in :attr:`endpoints`)."""
+        self._durable_stats: dict[str, EndpointStats] = {}
         self.started = datetime.now(UTC)
         self._subs: list[Subscription] = []
+
+    def all_endpoints(self) -> list[Endpoint]:
+        """:attr:`endpoints`, each queue endpoint followed by its durable twin when there is one."""
+        if self.durable_names is None:
+            return list(self.endpoints)
+        out = []
+        for e in self.endpoints:
+            out.append(e)
+            capability = e.metadata.get("capability")
+            if e.path == "queue" and capability:
+                subject, consumer = self.durable_names(capability)
+                stats = self._durable_stats.setdefault(capability, EndpointStats())
+                out.append(Endpoint(f"{e.name}{DURABLE_SUFFIX}", subject, consumer, e.metadata, stats))
+        return out
 
     def _identity(self, kind: str) -> dict[str, Any]:
         return {
@@ -83,14 +151,17 @@ class ServiceResponder:
             "description": self.description,
             "endpoints": [
                 {"name": e.name, "subject": e.subject, "queue_group": e.queue_group, "metadata": e.metadata}
-                for e in self.endpoints
+                for e in self.all_endpoints()
             ],
         }
 
     def stats(self) -> dict[str, Any]:
         endpoints = []
-        for e in self.endpoints:
+        for e in self.all_endpoints():
             s = e.stats
+            data: dict[str, Any] = {"path": e.path}
+            if e.path == "durable":
+                data.update(redeliveries=s.redeliveries, dead_lettered=s.dead_lettered)
             endpoints.append(
                 {
                     "name": e.name,
@@ -101,10 +172,17 @@ class ServiceResponder:
                     "last_error": s.last_error,
                     "processing_time": s.processing_time,
                     "average_processing_time": s.processing_time // s.num_requests if s.num_requests else 0,
+                    "data": data,
                 }
             )
-        started = self.started.isoformat().replace("+00:00", "Z")
+        # RFC 3339 with a fraction always present: micro clients parse "%Y-%m-%dT%H:%M:%S.%fZ"
+        # (isoformat() drops the fraction when the microseconds happen to be zero).
+        started = self.started.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         return {**self._identity(STATS_TYPE), "started": started, "endpoints": endpoints}
+
+    def stats_observer(self) -> JobObserver:
+        """An observer that keeps this responder's ``$SRV.STATS`` counters."""
+        return EndpointStatsObserver(self)
 
     async def start(self, nc: NATS) -> None:
         answers: dict[str, Callable[[], dict[str, Any]]] = {
@@ -126,9 +204,12 @@ class ServiceResponder:
                 self._subs.append(await nc.subscribe(subject, cb=handler))
 
     async def stop(self) -> None:
-        for sub in self._subs:
-            await sub.unsubscribe()
-        self._subs.clear()
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:  # the connection is closed already: nothing to stop
+                pass
 
 
 async def collect(nc: NATS, subject: str, *, timeout: float = 1.0, stall: float = 0.25) -> list[dict[str, Any]]:
@@ -181,6 +262,11 @@ class PeerInfo:
     version: str
     capabilities: tuple[str, ...]
     deterministic: tuple[str, ...] = ()
+    tags: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """(capability, its tags) pairs: the specialties the worker claims for each."""
+
+    def tags_of(self, capability: str) -> tuple[str, ...]:
+        return dict(self.tags).get(capability, ())
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -193,6 +279,7 @@ class PeerInfo:
             "version": self.version,
             "capabilities": list(self.capabilities),
             "deterministic": list(self.deterministic),
+            "tags": {cap: list(tags) for cap, tags in self.tags},
         }
 
 
@@ -210,6 +297,7 @@ def _as_peer(info: dict[str, Any]) -> PeerInfo | None:
     ]
     caps = sorted({str(m["capability"]) for m in metas})
     deterministic = sorted({str(m["capability"]) for m in metas if m.get("deterministic") == "true"})
+    tags = {str(m["capability"]): tuple(t for t in str(m.get("tags", "")).split(",") if t) for m in metas}
     return PeerInfo(
         peer=str(meta.get("peer", "")),
         name=str(meta.get("name", "")),
@@ -220,6 +308,7 @@ def _as_peer(info: dict[str, Any]) -> PeerInfo | None:
         version=str(info.get("version", "")),
         capabilities=tuple(caps),
         deterministic=tuple(deterministic),
+        tags=tuple(sorted(tags.items())),
     )
 
 

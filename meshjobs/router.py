@@ -22,7 +22,8 @@ import json
 import logging
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,9 @@ from meshjobs.trust.quarantine import QuarantineBoard
 from meshjobs.trust.reputation import Evidence, Kind, Record, ReputationBook
 
 DISCOVERY_TTL = 2.0
+#: Ranking weight = RANK_FLOOR + min(score, RANK_CAP): flat enough to spread work, steep enough to prefer the trusted.
+RANK_FLOOR = 0.25
+RANK_CAP = 0.5
 log = logging.getLogger("meshjobs.router")
 
 
@@ -47,6 +51,8 @@ class Constraints:
     region: str | None = None
     kind: str | None = None
     peer: str | None = None
+    tags: tuple[str, ...] = ()
+    """Every one of these must be among the tags the peer gives the capability."""
 
     def admits(self, info: PeerInfo, record: Record) -> str | None:
         """Why *info* does not qualify, or None when it does."""
@@ -78,6 +84,8 @@ class Attempt:
 class Candidate:
     info: PeerInfo
     record: Record
+    anchor: bool = False
+    """Pre-trusted in this submitter's policy: its word weighs fully, record or not (EigenTrust's anchor)."""
 
     @property
     def peer(self) -> str:
@@ -101,20 +109,37 @@ def result_digest(outcome: Outcome) -> str:
 class Router:
     """Routes jobs for one client; reports what every peer did."""
 
-    def __init__(self, client: Client, book: ReputationBook, board: QuarantineBoard) -> None:
+    def __init__(
+        self, client: Client, book: ReputationBook, board: QuarantineBoard, anchors: frozenset[str] = frozenset()
+    ) -> None:
         self.client = client
+        #: Pre-trusted keys (``[[pretrusted]]`` in the policy): full weight in a vote from the start.
+        self.anchors = anchors
         self.book = book
         self.board = board
         self._discovered: tuple[float, list[PeerInfo]] = (0.0, [])
         self._pending: list[Evidence] = []
         self._writer: asyncio.Task[None] | None = None
+        #: Jobs this router has in flight per peer: the load part of the ranking.
+        self.inflight: Counter[str] = Counter()
+        self.rng = random.Random()
 
     @classmethod
-    async def open(cls, client: Client, operators: frozenset[str]) -> Router:
-        book = await ReputationBook.open(client.nc, client.identity)
+    async def open(
+        cls,
+        client: Client,
+        operators: frozenset[str],
+        trust_services: Iterable[str] = (),
+        anchors: frozenset[str] = frozenset(),
+    ) -> Router:
+        """A router reading reputation signed by *trust_services* (none: this identity's own records).
+
+        *anchors* are the policy's pre-trusted peers: they settle disagreements from the start.
+        """
+        book = await ReputationBook.open(client.nc, client.identity, trust_services=trust_services)
         await book.watch()
         board = await QuarantineBoard.open(client.nc, operators)
-        return cls(client, book, board)
+        return cls(client, book, board, anchors)
 
     async def flush(self) -> None:
         """Wait until every outcome reported so far is stored as evidence and in the record."""
@@ -143,6 +168,9 @@ class Router:
             if capability in info.capabilities and info.peer:
                 infos.setdefault(info.peer, info)
         records = await self.book.records(list(infos))
+        wanted = constraints.peer
+        if wanted and wanted in infos and (self.board.is_quarantined(wanted) or records[wanted].auto_quarantined()):
+            raise Rejected(Reason.QUARANTINED, f"peer {wanted[:12]}… is quarantined")
         found = []
         for peer, info in infos.items():
             record = records[peer]
@@ -150,17 +178,43 @@ class Router:
                 continue
             if deterministic and capability not in info.deterministic:
                 continue
+            if not set(constraints.tags) <= set(info.tags_of(capability)):
+                continue
             if constraints.admits(info, record) is None:
-                found.append(Candidate(info, record))
-        random.shuffle(found)
-        found.sort(key=lambda c: (-round(c.record.score(), 1), c.record.latency_ms or 0.0))
-        return found
+                found.append(Candidate(info, record, peer in self.anchors))
+        return self.rank(found)
 
-    def report(self, kind: Kind, peer: str, outcome: Outcome | None, job_id: str, capability: str, **kw: Any) -> None:
-        """Queue evidence; it is signed and stored in batches in the background (see :meth:`flush`).
+    def rank(self, found: list[Candidate]) -> list[Candidate]:
+        """Best first, spread by score and load: a weighted random order, never a lock-in on one peer.
 
-        Batching keeps one compare-and-set per peer per batch instead of one
-        per job, so a busy router does not contend with itself on a record.
+        Each peer's weight grows with its score (a lower credible bound) up to
+        a cap, over one plus the jobs this router has in flight there; the
+        order is a weighted sample without replacement (Efraimidis-Spirakis).
+        The cap keeps the most trusted peers (pre-trusted anchors among them)
+        from becoming the whole workforce: a newcomer still gets a fair share
+        of work, and verification checks what it returns.
+        """
+
+        def key(c: Candidate) -> float:
+            weight = (RANK_FLOOR + min(max(c.record.score(), 0.0), RANK_CAP)) / (1 + self.inflight[c.peer])
+            return float(self.rng.random() ** (1.0 / weight))
+
+        return sorted(found, key=key, reverse=True)
+
+    def report(
+        self,
+        kind: Kind,
+        peer: str,
+        outcome: Outcome | None,
+        job_id: str,
+        capability: str,
+        *,
+        proof: list[Outcome] | None = None,
+        **kw: Any,
+    ) -> None:
+        """Queue evidence, with the signed request and result and any proof; published in the background.
+
+        Batching keeps a burst of outcomes to one publish round (see :meth:`flush`).
         """
         self._pending.append(
             self.book.evidence_for(
@@ -169,12 +223,18 @@ class Router:
                 job_id=job_id,
                 capability=capability,
                 result=outcome.frame if outcome else None,
+                request=outcome.request if outcome else None,
+                proof=[(o.request, o.frame) for o in proof or []],
                 latency_ms=outcome.elapsed * 1000 if outcome else None,
                 **kw,
             )
         )
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
+
+    async def offers_deterministic(self, capability: str) -> bool:
+        """Whether any discovered peer offers *capability* as deterministic (so results can be checked)."""
+        return any(capability in info.deterministic for info in await self._peers())
 
     async def _write(self) -> None:
         while self._pending:
@@ -185,10 +245,21 @@ class Router:
             except (MeshError, nats.errors.Error) as exc:
                 log.warning("could not store %d piece(s) of evidence: %s", len(batch), exc)
 
-    async def _try(
+    async def attempt(
         self, peer: str, capability: str, args: dict[str, Any], job_id: str, budget: float, valid: float
     ) -> tuple[str, Outcome | None, MeshError | None]:
         """One candidate: (evidence kind or "" for none, outcome, error)."""
+        self.inflight[peer] += 1
+        try:
+            return await self._attempt(peer, capability, args, job_id, budget, valid)
+        finally:
+            self.inflight[peer] -= 1
+            if not self.inflight[peer]:
+                del self.inflight[peer]
+
+    async def _attempt(
+        self, peer: str, capability: str, args: dict[str, Any], job_id: str, budget: float, valid: float
+    ) -> tuple[str, Outcome | None, MeshError | None]:
         try:
             outcome = await self.client.submit(
                 capability, args, peer=peer, job_id=job_id, timeout=budget, valid_for=valid, peer_wait=0.3
@@ -234,7 +305,7 @@ class Router:
             # Leave time for at least two more candidates after a hung one.
             budget = left if index == len(candidates) - 1 else max(min(left, timeout / 3), min(left, 1.0))
             started = time.perf_counter()
-            kind, outcome, error = await self._try(candidate.peer, capability, args, job_id, budget, left)
+            kind, outcome, error = await self.attempt(candidate.peer, capability, args, job_id, budget, left)
             trace.append(
                 Attempt(candidate.peer, kind or "skipped", str(error or ""), (time.perf_counter() - started) * 1000)
             )
@@ -246,7 +317,7 @@ class Router:
                 raise error
             last = error
         if isinstance(last, MeshError):
-            last.trace = trace  # type: ignore[attr-defined]
+            last.trace = trace
             raise last
         raise JobTimeout(f"{capability}: no result within {timeout:g} s")
 
@@ -281,7 +352,7 @@ class Router:
         async def run(candidate: Candidate) -> None:
             started = time.perf_counter()
             left = max(deadline - loop.time(), 0.001)
-            kind, outcome, error = await self._try(candidate.peer, capability, args, job_id, left, left)
+            kind, outcome, error = await self.attempt(candidate.peer, capability, args, job_id, left, left)
             trace.append(
                 Attempt(candidate.peer, kind or "skipped", str(error or ""), (time.perf_counter() - started) * 1000)
             )
@@ -308,7 +379,9 @@ class Router:
         winners = {peer for peer, _ in best}
         dissenters = [(peer, o) for group in votes.values() for peer, o in group if peer not in winners]
         for peer, outcome in best:
-            self.report("success", peer, outcome, job_id, capability)
+            self.report("agree", peer, outcome, job_id, capability, proof=[o for p, o in best if p != peer])
+        winning = [o for _, o in best]
         for peer, outcome in dissenters:
-            self.report("disputed", peer, outcome, job_id, capability, detail=f"outvoted by {len(best)} agreeing peers")
+            detail = f"outvoted by {len(best)} agreeing peers"
+            self.report("wrong", peer, outcome, job_id, capability, proof=winning, detail=detail)
         return RoutedOutcome(best[0][1], trace, sorted(winners), sorted(p for p, _ in dissenters))

@@ -17,15 +17,21 @@ redundant verification and the durable queue lives in the library, once:
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshjobs.client import Client, Outcome
 from meshjobs.durable import Durable, settle_stored
 from meshjobs.envelope import new_job_id
-from meshjobs.errors import HandlerError, Reason, Rejected, UsageError
+from meshjobs.errors import HandlerError, JobTimeout, MeshError, NoPeerError, Rejected, UsageError
 from meshjobs.router import Attempt, Constraints, Router
+from meshjobs.runtime.app import PEER_KINDS
+from meshjobs.trust.policy import TrustPolicy
+from meshjobs.verify import Verifier
+from meshjobs.workflow.waiting import hold_outcome
 
 log = logging.getLogger("meshjobs.submit")
 
@@ -45,8 +51,26 @@ class SubmitOptions:
     quorum: int | None = None
     """Agreeing results needed; default a majority of ``replicas``."""
     trace: bool = False
+    verify: str = "auto"
+    escalate: tuple[str, ...] = ()
+    """Kinds to try in order (``("ai", "hybrid", "human")``): on to the next when a peer of one kind
+    declines, fails, times out, or its result fails ``validate``."""
+    validate: Callable[[Any], str | None] | None = field(default=None, compare=False)
+    approve_result: tuple[str, ...] = ()
+    """Keys that must approve the verified result before it is accepted (see :mod:`meshjobs.workflow`)."""
+    approve_timeout: float = 3600.0
+    """A check of the result value: None when it is acceptable, else why not (escalation moves on)."""
+    """``auto``: deterministic results are checked adaptively (see :mod:`meshjobs.verify`);
+    ``off``: never; ``quorum:N/M``: run on M peers, N must agree."""
 
     def __post_init__(self) -> None:
+        unknown = [k for k in self.escalate if k not in PEER_KINDS]
+        if unknown:
+            raise UsageError(f"--escalate: {unknown[0]!r} is not a kind ({', '.join(PEER_KINDS)})")
+        if self.escalate and self.constraints.kind:
+            raise UsageError("--escalate chooses the kinds itself; drop --kind")
+        if self.verify not in ("auto", "off"):
+            parse_quorum(self.verify)
         if not self.timeout > 0:
             raise UsageError("timeout must be positive")
         if self.replicas < 1:
@@ -55,13 +79,45 @@ class SubmitOptions:
             raise UsageError(f"quorum {self.quorum} must be between 1 and replicas ({self.replicas})")
 
     @property
+    def quorum_spec(self) -> tuple[int, int] | None:
+        """(needed, replicas) for ``--verify quorum:N/M``, or for ``replicas`` > 1."""
+        if self.verify.startswith("quorum:"):
+            return parse_quorum(self.verify)
+        if self.replicas > 1:
+            return self.needed, self.replicas
+        return None
+
+    @property
     def routed(self) -> bool:
         c = self.constraints
-        return self.replicas > 1 or self.trace or any(v is not None for v in (c.min_trust, c.region, c.kind))
+        return (
+            self.replicas > 1
+            or self.trace
+            or bool(c.tags)
+            or bool(self.escalate)
+            or any(v is not None for v in (c.min_trust, c.region, c.kind))
+        )
 
     @property
     def needed(self) -> int:
         return self.quorum or self.replicas // 2 + 1
+
+
+def parse_quorum(text: str) -> tuple[int, int]:
+    """``quorum:N/M`` -> (N, M): M peers run the job, N must agree."""
+    body = text.removeprefix("quorum:")
+    needed, _, replicas = body.partition("/")
+    try:
+        n, m = int(needed), int(replicas)
+    except ValueError:
+        raise UsageError(f"--verify must be auto, off or quorum:N/M (like quorum:2/3), not {text!r}") from None
+    if not (text.startswith("quorum:") and 1 <= n <= m <= 15):
+        raise UsageError(f"--verify {text!r}: need 1 <= N <= M <= 15")
+    return n, m
+
+
+#: Trace outcomes in which a peer ran the handler.
+EXECUTED = frozenset({"success", "failure", "timeout"})
 
 
 @dataclass
@@ -70,6 +126,11 @@ class Submitted:
 
     outcome: Outcome
     trace: list[Attempt] = field(default_factory=list)
+
+    @property
+    def executions(self) -> int:
+        """How many peers ran the job (at least one)."""
+        return max(1, sum(a.outcome in EXECUTED for a in self.trace))
 
 
 class Submitter:
@@ -80,9 +141,10 @@ class Submitter:
         self.router = router
 
     @classmethod
-    async def open(cls, client: Client, operators: frozenset[str] = frozenset()) -> Submitter:
-        """A submitter with reputation and quarantine (raises where the broker has no JetStream)."""
-        return cls(client, await Router.open(client, operators))
+    async def open(cls, client: Client, policy: TrustPolicy | None = None) -> Submitter:
+        """A submitter with reputation and quarantine as *policy* says (raises where there is no JetStream)."""
+        policy = policy or TrustPolicy()
+        return cls(client, await Router.open(client, policy.operators, policy.trust_services, policy.pretrusted))
 
     async def close(self) -> None:
         if self.router is not None:
@@ -100,27 +162,80 @@ class Submitter:
         """Run *capability* once (or on ``replicas`` peers) and return its verified outcome."""
         options = options or SubmitOptions()
         args = {} if args is None else args
-        if not options.routed:
+        if options.escalate:
+            return await self._escalate(capability, args, options)
+        submitted = await self._submit_once(capability, args, options)
+        if options.validate is not None and (problem := options.validate(submitted.outcome.value)) is not None:
+            raise HandlerError(f"{capability}: the result was refused by the validator: {problem}", submitted.outcome)
+        if options.approve_result:
+            await hold_outcome(
+                self.client.nc,
+                submitted.outcome,
+                submitter=self.client.identity.public_key,
+                approvers=options.approve_result,
+                timeout=options.approve_timeout,
+            )
+        return submitted
+
+    async def _escalate(self, capability: str, args: dict[str, Any], options: SubmitOptions) -> Submitted:
+        """Try each kind in turn; the trace shows every step. The same job id throughout: no peer runs it twice."""
+        job_id = options.job_id or new_job_id()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + options.timeout
+        trace: list[Attempt] = []
+        last: MeshError | None = None
+        for kind in options.escalate:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            c = options.constraints
+            step = replace(options, escalate=(), job_id=job_id, timeout=left,
+                           constraints=Constraints(c.min_trust, c.region, kind, c.peer, c.tags))  # fmt: skip
+            started = loop.time()
+            try:
+                done = await self.submit(capability, args, step)
+            except (HandlerError, JobTimeout, NoPeerError, Rejected) as exc:
+                trace += getattr(exc, "trace", [])
+                trace.append(Attempt(f"kind:{kind}", "escalated", str(exc), (loop.time() - started) * 1000))
+                last = exc
+                continue
+            return Submitted(done.outcome, trace + done.trace)
+        error = last or JobTimeout(f"{capability}: no result within {options.timeout:g} s")
+        error.trace = trace
+        raise error
+
+    async def _submit_once(self, capability: str, args: dict[str, Any], options: SubmitOptions) -> Submitted:
+        router = self.router
+        if router is None:
+            if options.routed or options.quorum_spec:
+                raise UsageError("routing options need reputation, which needs JetStream on the broker")
             return Submitted(await self._queue(capability, args, options))
-        if self.router is None:
-            raise UsageError("routing options need reputation, which needs JetStream on the broker")
         constraints = options.constraints
         if options.peer is not None:
-            constraints = Constraints(constraints.min_trust, constraints.region, constraints.kind, options.peer)
-        if options.replicas > 1:
-            done = await self.router.submit_redundant(
+            constraints = Constraints(
+                constraints.min_trust, constraints.region, constraints.kind, options.peer, constraints.tags
+            )
+        spec = options.quorum_spec
+        if spec is not None:
+            done = await router.submit_redundant(
                 capability,
                 args,
-                replicas=options.replicas,
-                quorum=options.needed,
+                replicas=spec[1],
+                quorum=spec[0],
                 constraints=constraints,
                 timeout=options.timeout,
                 job_id=options.job_id,
             )
-        else:
-            done = await self.router.submit(
+        elif options.verify == "auto" and await router.offers_deterministic(capability):
+            done = await Verifier(router).submit(
                 capability, args, constraints=constraints, timeout=options.timeout, job_id=options.job_id
             )
+        elif options.routed:
+            done = await router.submit(
+                capability, args, constraints=constraints, timeout=options.timeout, job_id=options.job_id
+            )
+        else:
+            return Submitted(await self._queue(capability, args, options))
         return Submitted(done.outcome, done.trace)
 
     async def _queue(self, capability: str, args: dict[str, Any], options: SubmitOptions) -> Outcome:
@@ -137,7 +252,10 @@ class Submitter:
             raise
         if router is not None:
             if router.board.is_quarantined(outcome.worker):
-                raise Rejected(Reason.QUARANTINED, f"the result came from quarantined peer {outcome.worker[:12]}…")
+                # Never a quarantined peer's result: run it again on a peer in good standing.
+                log.info("job %s: the queue group answered from quarantined %s…; routing", job_id, outcome.worker[:12])
+                again = await router.submit(capability, args, timeout=options.timeout, job_id=job_id)
+                return again.outcome
             router.report("success", outcome.worker, outcome, job_id, capability)
         return outcome
 

@@ -21,17 +21,19 @@ import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic_core import to_jsonable_python
 
 from meshjobs.errors import InvalidArguments, UsageError
 from meshjobs.subjects import check_capability
+from meshjobs.workflow.approval import Approval, as_approval
 
 PeerKind = Literal["system", "ai", "human", "hybrid"]
 PEER_KINDS: tuple[str, ...] = ("system", "ai", "human", "hybrid")
 DEFAULT_TIMEOUT = 60.0
+_TAG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _LABEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -59,8 +61,12 @@ class Capability:
     context_param: str | None
     is_async: bool
     accepts_extra: bool = False
+    tags: tuple[str, ...] = ()
+    """Specialties (``security``, ``docs``, ...) shown in discovery; ``--tag`` routes by them."""
     idempotent: bool = False
     """Running it twice does no harm: a replayed envelope is refused per worker only, not claimed mesh-wide."""
+    approval: Approval | None = None
+    """Who must approve each job before the handler runs (None: nobody; see :mod:`meshjobs.workflow.approval`)."""
 
     def bind(self, args: dict[str, Any]) -> dict[str, Any]:
         """Validate *args* against the signature. Raises :class:`InvalidArguments`."""
@@ -94,6 +100,12 @@ def _describe_validation(exc: ValidationError) -> str:
     return "; ".join(f"{where}: {message}" for where, message in list(seen.items())[:5])
 
 
+def _optional_of(annotation: Any) -> Any:
+    """``X`` for ``X | None`` (or ``Optional[X]``), else None."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in get_args(annotation) else None
+
+
 def _args_model(name: str, func: Callable[..., Any]) -> tuple[type[BaseModel], str | None, bool]:
     signature = inspect.signature(func)
     try:
@@ -105,7 +117,7 @@ def _args_model(name: str, func: Callable[..., Any]) -> tuple[type[BaseModel], s
     accepts_extra = False
     for param in signature.parameters.values():
         annotation = hints.get(param.name, Any)
-        if annotation is JobContext:
+        if annotation is JobContext or _optional_of(annotation) is JobContext:
             context_param = param.name
             continue
         if param.kind is inspect.Parameter.VAR_POSITIONAL:
@@ -149,11 +161,26 @@ class App:
         deterministic: bool = False,
         idempotent: bool = False,
         description: str | None = None,
+        tags: tuple[str, ...] | list[str] = (),
+        approval: Approval | bool | None = None,
+        approvers: tuple[str, ...] | list[str] = (),
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Register the decorated function as *name*. The function is returned unchanged."""
+        """Register the decorated function as *name*. The function is returned unchanged.
+
+        ``approval=Approval(...)`` (or ``approvers=[keys]``, or ``approval=True``
+        for any operator of the worker's trust policy) gates every job on a
+        signed approval before the handler runs.
+        """
         check_capability(name)
+        try:
+            gate = as_approval(approval, approvers)
+        except UsageError as exc:
+            raise UsageError(f"capability {name!r}: {exc}") from None
         if not timeout > 0:
             raise UsageError(f"capability {name!r}: timeout must be positive")
+        bad = [t for t in tags if not _TAG_RE.fullmatch(t)]
+        if bad:
+            raise UsageError(f"capability {name!r}: tag {bad[0]!r} must be 1-32 of a-z, 0-9, '-'")
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
             if name in self.capabilities:
@@ -166,6 +193,8 @@ class App:
                 timeout=float(timeout),
                 deterministic=deterministic,
                 idempotent=idempotent,
+                tags=tuple(sorted(set(tags))),
+                approval=gate,
                 description=doc.splitlines()[0] if doc else "",
                 args_model=model,
                 context_param=context_param,

@@ -312,7 +312,7 @@ async def test_routed_submission_across_the_federation(fed: Fed) -> None:
         assert out.stdout == "3\n"
         assert f"trace: {fed.ids['garage-worker'].public_key[:12]}… success" in out.stderr
         shown = await asyncio.to_thread(
-            meshjobs, "reputation", fed.ids["garage-worker"].public_key, "--json",
+            meshjobs, "reputation", fed.ids["garage-worker"].public_key, "--evidence", "--json",
             env=cli_env(fed.homes["op"], fed.url("us-2")),
         )  # fmt: skip
         assert shown.returncode == 0, shown.stderr

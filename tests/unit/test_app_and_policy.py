@@ -98,7 +98,8 @@ def test_app_validates_arguments_from_type_hints() -> None:
         return ctx.job_id
 
     cap = app.capabilities["t.add"]
-    assert cap.bind({"a": 2}) == {"a": 2, "b": 1, "ctx": None}
+    # An optional context (README's "JobContext | None") is injected too, never an argument.
+    assert cap.bind({"a": 2}) == {"a": 2, "b": 1} and cap.context_param == "ctx"
     from meshjobs.errors import InvalidArguments
 
     with pytest.raises(InvalidArguments, match="a: Field required"):

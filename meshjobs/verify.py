@@ -1,0 +1,260 @@
+"""Adaptive verification of deterministic results: credibility-based spot checks with a trust-weighted tie-break.
+
+After Sarmenta's credibility-based fault tolerance and BOINC's adaptive
+replication: a job runs on one peer; whether its result is checked on an
+independent peer depends on how much of that peer's record is *verified*
+(results that other peers reproduced), not on how often it merely answered.
+
+- A peer with fewer than :data:`VERIFIED_FLOOR` verified agreements is always
+  checked; after that, a spot check with probability
+  ``max(SPOT_MIN, 1 / (verified + 1))``, so the rate
+  falls as the record grows but never to zero (a long con meets checks too).
+- The checker is an independent peer: another community or region where the
+  mesh has one, chosen by trust (verified peers and pre-trusted anchors
+  first), never the primary.
+- Agreement is evidence for both peers, with both signed results as proof.
+- A mismatch is never settled on one peer's word against another's: more
+  peers are asked, the most trusted first (pre-trusted anchors), until the
+  value whose supporters carry more trust (by a margin) wins, and each peer on the losing side gets ``wrong`` evidence
+  carrying the winning side's signed results. A minority is not punished
+  unless the agreeing side outweighs it by trust; an even split returns no
+  value (``no_quorum``).
+
+The policy functions are pure and unit-tested; :class:`Verifier` runs them
+on a :class:`~meshjobs.router.Router`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshjobs.client import Outcome
+from meshjobs.envelope import new_job_id
+from meshjobs.errors import JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
+from meshjobs.router import Attempt, Candidate, Constraints, RoutedOutcome, Router, result_digest
+
+log = logging.getLogger("meshjobs.verify")
+
+#: Verified agreements below which every result of a peer is checked.
+VERIFIED_FLOOR = 1
+#: The lowest spot-check rate, however long a peer's verified record.
+SPOT_MIN = 0.1
+#: How much more trust the winning side of a disagreement must carry: less is no verdict yet.
+MARGIN = 0.2
+#: Most runs of one job while a disagreement is being settled.
+MAX_RUNS = 5
+
+
+def check_probability(verified: int) -> float:
+    """How likely a result from a peer with *verified* agreements is cross-checked."""
+    if verified < VERIFIED_FLOOR:
+        return 1.0
+    return max(SPOT_MIN, 1.0 / (verified + 1))
+
+
+def standing(candidate: Candidate) -> float:
+    """The weight of a peer's word in a tie-break, as the trust service weighs it (1 for an anchor)."""
+    if candidate.anchor:
+        return 1.0
+    record = candidate.record
+    weigh = getattr(record, "trust", None)
+    return max(float(weigh()) if callable(weigh) else record.score(), 0.0)
+
+
+def verified_count(candidate: Candidate) -> int:
+    return int(getattr(candidate.record, "verified", 0))
+
+
+def _independent(primary: Candidate, c: Candidate) -> int:
+    p, o = primary.info, c.info
+    return int(bool(o.community) and o.community != p.community) + int(bool(o.region) and o.region != p.region)
+
+
+def pick_checker(primary: Candidate, others: list[Candidate], rng: random.Random) -> list[Candidate]:
+    """Checkers for *primary*'s result, best first: independent (another community/region) and credible.
+
+    Among equally independent peers the order is a trust-weighted random
+    sample, so checks spread over every credible peer instead of falling on
+    the anchors alone; peers with no credibility come last (they cannot
+    vouch for anyone, and a collective vouching for itself gains nothing).
+    """
+
+    def key(c: Candidate) -> tuple[int, float]:
+        weight = standing(c) + 0.01
+        return (-_independent(primary, c), -(rng.random() ** (1.0 / weight)))
+
+    return sorted((c for c in others if c.peer != primary.peer), key=key)
+
+
+def tie_breakers(primary: Candidate, others: list[Candidate]) -> list[Candidate]:
+    """Who settles a disagreement, best first: the most trusted peers (anchors first), independent ones first."""
+    return sorted(
+        (c for c in others if c.peer != primary.peer), key=lambda c: (-standing(c), -_independent(primary, c))
+    )
+
+
+@dataclass
+class Verdict:
+    """The settled value of a verified job and who stood where."""
+
+    outcome: Outcome
+    agreeing: list[str]
+    losers: list[tuple[str, Outcome]] = field(default_factory=list)
+
+
+def settle_votes(votes: dict[str, list[tuple[Candidate, Outcome]]], margin: float = MARGIN) -> Verdict:
+    """The value whose supporters carry at least *margin* more trust wins; less is no verdict (yet)."""
+    weighed = sorted(((sum(standing(c) for c, _ in group), digest) for digest, group in votes.items()), reverse=True)
+    if len(weighed) > 1 and weighed[0][0] - weighed[1][0] < margin:
+        raise Rejected(Reason.NO_QUORUM, "the peers disagree and neither side outweighs the other by enough trust")
+    winner = votes[weighed[0][1]]
+    losers = [(c.peer, o) for digest, group in votes.items() if digest != weighed[0][1] for c, o in group]
+    return Verdict(winner[0][1], [c.peer for c, _ in winner], losers)
+
+
+def _decided(votes: dict[str, list[tuple[Candidate, Outcome]]]) -> bool:
+    """Whether the votes settle it: never a conviction on one peer's word against another's."""
+    if len(votes) > 1 and sum(len(group) for group in votes.values()) < 3:
+        return False
+    try:
+        settle_votes(votes)
+    except Rejected:
+        return False
+    return True
+
+
+class Verifier:
+    """Runs deterministic jobs with adaptive verification on one router."""
+
+    def __init__(self, router: Router, rng: random.Random | None = None) -> None:
+        self.router = router
+        self.rng = rng or random.Random()
+
+    async def submit(
+        self,
+        capability: str,
+        args: dict[str, Any] | None = None,
+        *,
+        constraints: Constraints = Constraints(),  # noqa: B008 - frozen, shared safely
+        timeout: float = 30.0,
+        job_id: str | None = None,
+    ) -> RoutedOutcome:
+        """Run once on a ranked peer, check adaptively, settle disagreements; executions are in the trace."""
+        args = args or {}
+        job_id = job_id or new_job_id()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        candidates = await self.router.candidates(capability, constraints, deterministic=True)
+        if not candidates:
+            raise NoPeerError(f"no capable peer offers {capability!r} as deterministic and meets the constraints")
+        trace: list[Attempt] = []
+        errors: list[MeshError] = []
+        primary, outcome, rest = await self._first(capability, args, job_id, candidates, deadline, trace, errors)
+        if self.rng.random() >= check_probability(verified_count(primary)):
+            self.router.report("success", primary.peer, outcome, job_id, capability)
+            return RoutedOutcome(outcome, trace, [primary.peer])
+        votes: dict[str, list[tuple[Candidate, Outcome]]] = defaultdict(list)
+        votes[result_digest(outcome)].append((primary, outcome))
+        checkers = pick_checker(primary, rest, self.rng)
+        # One checker; on a disagreement, the most trusted peers settle it,
+        # one at a time until one side outweighs the other.
+        settling = False
+        while checkers and loop.time() < deadline and sum(len(g) for g in votes.values()) < MAX_RUNS:
+            ran = await self._run_one(checkers.pop(0), capability, args, job_id, deadline, trace, errors)
+            if ran is None:
+                continue
+            votes[result_digest(ran[1])].append(ran)
+            if len(votes) == 1 or _decided(votes):
+                break
+            if not settling:  # the check disagreed: the most trusted settle it from now on
+                settling = True
+                asked = {c.peer for group in votes.values() for c, _ in group}
+                checkers = [c for c in tie_breakers(primary, rest) if c.peer not in asked]
+        return self._conclude(votes, capability, job_id, trace, primary, outcome)
+
+    def _conclude(
+        self,
+        votes: dict[str, list[tuple[Candidate, Outcome]]],
+        capability: str,
+        job_id: str,
+        trace: list[Attempt],
+        primary: Candidate,
+        outcome: Outcome,
+    ) -> RoutedOutcome:
+        runs = sum(len(g) for g in votes.values())
+        if runs == 1:  # nobody could check it in time: the unverified result, said so in the trace
+            trace.append(Attempt(primary.peer, "unverified", "no independent peer could check it in time"))
+            self.router.report("success", primary.peer, outcome, job_id, capability)
+            return RoutedOutcome(outcome, trace, [primary.peer])
+        if not _decided(votes):
+            raise Rejected(Reason.NO_QUORUM, "the peers disagree and no side outweighs the other by enough trust")
+        verdict = settle_votes(votes)
+        winners = [o for group in votes.values() for c, o in group if c.peer in verdict.agreeing]
+        for group in votes.values():
+            for candidate, ran in group:
+                if candidate.peer in verdict.agreeing:
+                    proof = [o for o in winners if o is not ran]
+                    self.router.report("agree", candidate.peer, ran, job_id, capability, proof=proof)
+                else:
+                    detail = f"outweighed by {len(verdict.agreeing)} peer(s) that agree"
+                    self.router.report("wrong", candidate.peer, ran, job_id, capability, proof=winners, detail=detail)
+        return RoutedOutcome(verdict.outcome, trace, verdict.agreeing, [p for p, _ in verdict.losers])
+
+    async def _first(
+        self,
+        capability: str,
+        args: dict[str, Any],
+        job_id: str,
+        candidates: list[Candidate],
+        deadline: float,
+        trace: list[Attempt],
+        errors: list[MeshError],
+    ) -> tuple[Candidate, Outcome, list[Candidate]]:
+        """The primary run, falling back along the ranking; returns the peer, its outcome and the others."""
+        pending = list(candidates)
+        while pending:
+            candidate = pending.pop(0)
+            ran = await self._run_one(candidate, capability, args, job_id, deadline, trace, errors)
+            if ran is not None:
+                return candidate, ran[1], pending
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+        error = errors[-1] if errors else JobTimeout(f"{capability}: no result in time")
+        error.trace = trace
+        raise error
+
+    async def _run_one(
+        self,
+        candidate: Candidate,
+        capability: str,
+        args: dict[str, Any],
+        job_id: str,
+        deadline: float,
+        trace: list[Attempt],
+        errors: list[MeshError],
+    ) -> tuple[Candidate, Outcome] | None:
+        loop = asyncio.get_running_loop()
+        left = deadline - loop.time()
+        if left <= 0:
+            return None
+        started = time.perf_counter()
+        kind, outcome, error = await self.router.attempt(candidate.peer, capability, args, job_id, left, left)
+        trace.append(
+            Attempt(candidate.peer, kind or "skipped", str(error or ""), (time.perf_counter() - started) * 1000)
+        )
+        if isinstance(error, UsageError):
+            raise error
+        if error is not None:
+            errors.append(error)
+        if kind and kind != "success":
+            self.router.report(kind, candidate.peer, outcome, job_id, capability, detail=str(error or ""))  # type: ignore[arg-type]
+            return None
+        if outcome is None or error is not None:
+            return None
+        return candidate, outcome
