@@ -149,11 +149,18 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
-        if self._owns:
-            await self.nc.close()
+        """Unsubscribe and (if ours) close the connection; never raises, so it cannot mask the real error."""
+        sub, self._sub = self._sub, None
+        if sub is not None and not self.nc.is_closed:
+            try:
+                await sub.unsubscribe()
+            except (nats.errors.Error, TimeoutError) as exc:  # the connection went away under us
+                log.debug("could not unsubscribe the reply inbox: %s", exc)
+        if self._owns and not self.nc.is_closed:
+            try:
+                await self.nc.close()
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                log.debug("could not close the connection cleanly: %s", exc)
 
     async def peers(self, *, timeout: float = 1.0, capability: str | None = None) -> list[PeerInfo]:
         """Workers that answer discovery within *timeout*."""
