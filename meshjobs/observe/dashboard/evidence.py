@@ -1,0 +1,112 @@
+"""Rows of the dashboard's jobs panel: from signed evidence and from durable job states.
+
+A row is a plain dict: ``key`` (one row per piece of evidence, one per
+durable job, updated as it moves), ``source``, ``job_id``, ``capability``,
+``status``, ``latency_ms``, ``peer`` (who ran it), ``by`` (who reported it),
+``at_ms`` and ``detail``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from meshjobs.state import DOMAIN
+from meshjobs.trust.reputation import STREAM, SUBJECT, Evidence
+
+#: Durable jobs whose queueing time is remembered (to tell their latency when they finish).
+MAX_QUEUED_REMEMBERED = 10_000
+FINAL_STATES = frozenset({"done", "failed", "dead"})
+
+
+def evidence_row(evidence: Evidence) -> dict[str, Any]:
+    """A verified piece of evidence as a row: the outcome its submitter saw and signed."""
+    return {
+        "key": f"evidence:{evidence.id}",
+        "source": "evidence",
+        "job_id": evidence.job_id,
+        "capability": evidence.capability,
+        "status": evidence.kind,
+        "latency_ms": None if evidence.latency_ms is None else round(evidence.latency_ms, 3),
+        "peer": evidence.peer,
+        "by": evidence.submitter,
+        "at_ms": evidence.at_ms,
+        "detail": evidence.detail,
+    }
+
+
+def _text(data: dict[str, Any], key: str, limit: int = 1000) -> str:
+    value = data.get(key, "")
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def state_row(key: str, value: bytes, queued_at: dict[str, int]) -> dict[str, Any] | None:
+    """A durable job's state (``jobs`` bucket, unsigned) as a row, or None for junk.
+
+    *queued_at* remembers when jobs were queued, so a finished job's row tells
+    how long it took from queueing to its final state.
+    """
+    try:
+        data = json.loads(value) if value else None
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("job_id") != key or not isinstance(data.get("state"), str):
+        return None
+    updated = data.get("updated_ms")
+    at_ms = updated if isinstance(updated, int) and not isinstance(updated, bool) else 0
+    state = _text(data, "state", 32)
+    latency = None
+    if state == "queued":
+        queued_at.pop(key, None)
+        queued_at[key] = at_ms
+        while len(queued_at) > MAX_QUEUED_REMEMBERED:
+            del queued_at[next(iter(queued_at))]
+    elif state in FINAL_STATES and key in queued_at and at_ms >= queued_at[key]:
+        latency = float(at_ms - queued_at.pop(key))
+    attempts = data.get("attempts")
+    return {
+        "key": f"durable:{key}",
+        "source": "durable",
+        "job_id": key,
+        "capability": _text(data, "capability", 128),
+        "status": state,
+        "latency_ms": latency,
+        "peer": _text(data, "worker", 64),
+        "by": _text(data, "submitter", 64),
+        "at_ms": at_ms,
+        "detail": _text(data, "detail"),
+        "attempts": attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else None,
+    }
+
+
+async def recent_evidence(nc: NATS, count: int) -> list[bytes]:
+    """The last *count* pieces of evidence in the evidence stream (unverified frames), oldest first."""
+    js = nc.jetstream(domain=DOMAIN, timeout=5.0)
+    info = await js.stream_info(STREAM)
+    state = info.state
+    if not state.messages or count <= 0:
+        return []
+    start = max(state.first_seq, state.last_seq - count + 1)
+    config = ConsumerConfig(
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start,
+        filter_subject=f"{SUBJECT}.>",
+        inactive_threshold=30.0,
+        max_ack_pending=-1,
+    )
+    consumer = await js.add_consumer(STREAM, config=config)
+    sub = await js.pull_subscribe_bind(consumer=consumer.name, stream=STREAM)
+    frames: list[bytes] = []
+    try:
+        remaining = min(consumer.num_pending or 0, count)
+        while remaining > 0:
+            msgs = await sub.fetch(min(remaining, 256), timeout=5)
+            remaining -= len(msgs)
+            frames += [m.data for m in msgs]
+    finally:
+        await sub.unsubscribe()
+    return frames
