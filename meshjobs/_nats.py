@@ -9,12 +9,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from meshjobs.errors import ConnectError
+from meshjobs.errors import ConnectError, UsageError
 from meshjobs.identity import Identity
 
 log = logging.getLogger("meshjobs.nats")
@@ -85,7 +86,7 @@ async def connect(
     first connection too. Otherwise a few quick attempts, then
     :class:`ConnectError`.
     """
-    urls = [servers] if isinstance(servers, str) else list(servers)
+    urls = check_urls([servers] if isinstance(servers, str) else list(servers))
 
     errors: list[Exception] = []
     refused = asyncio.Event()
@@ -104,6 +105,8 @@ async def connect(
         log.debug("nats: %s: %s", type(exc).__name__, exc)
 
     async def disconnected_cb() -> None:
+        if client.is_closed:  # our own close(): a normal shutdown, nothing to reconnect
+            return
         log.warning("disconnected from NATS; reconnecting")
         if on_disconnect is not None:
             await on_disconnect()
@@ -114,24 +117,11 @@ async def connect(
     client = _GuardedClient()
     client.meshjobs_identity = identity
     client.meshjobs_denied = deque(maxlen=64)
-    options: dict[str, Any] = {
-        "servers": urls,
-        "name": name,
-        "connect_timeout": connect_timeout,
-        "error_cb": error_cb,
-        "allow_reconnect": True,
-        "max_reconnect_attempts": -1 if forever else 2,
-        "reconnect_time_wait": 1.0 if forever else 0.2,
-        "pending_size": 8 * 1024 * 1024,
-    }
+    options = _options(urls, identity, name, connect_timeout, forever)
+    options["error_cb"] = error_cb
     if forever:
         options["disconnected_cb"] = disconnected_cb
         options["reconnected_cb"] = reconnected_cb
-    if identity is not None:
-        options["nkeys_seed_str"] = identity.seed_text()
-        # A private inbox per peer: closed meshes only let a peer subscribe
-        # to _INBOX.<its key>.>, so nobody else can read its replies.
-        options["inbox_prefix"] = f"_INBOX.{identity.public_key}"
     try:
         if forever:
             await client.connect(**options)
@@ -140,6 +130,59 @@ async def connect(
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise ConnectError(f"cannot connect to NATS at {', '.join(urls)}: {_describe(exc, errors)}") from exc
     return client
+
+
+def _options(urls: list[str], identity: Identity | None, name: str, timeout: float, forever: bool) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "servers": urls,
+        "name": name,
+        "connect_timeout": timeout,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1 if forever else 2,
+        "reconnect_time_wait": 1.0 if forever else 0.2,
+        "pending_size": 8 * 1024 * 1024,
+    }
+    if identity is not None:
+        options["nkeys_seed_str"] = identity.seed_text()
+        # A private inbox per peer: closed meshes only let a peer subscribe
+        # to _INBOX.<its key>.>, so nobody else can read its replies.
+        options["inbox_prefix"] = f"_INBOX.{identity.public_key}"
+    return options
+
+
+SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def check_urls(urls: list[str]) -> list[str]:
+    """The server URLs, checked: ``nats|tls|ws|wss://host[:port]`` (or ``host:port``), else :class:`UsageError`.
+
+    nats-py takes any scheme and then fails to connect, which reads like a
+    broker that is down; a typo deserves its own message.
+    """
+    if not urls:
+        raise UsageError("invalid URL: no server given")
+    for url in urls:
+        text = url if "://" in url else f"nats://{url}"
+        try:
+            parsed = urlsplit(text)
+            port = parsed.port
+        except ValueError as exc:
+            raise UsageError(f"invalid URL {url[:80]!r}: {exc}") from None
+        if parsed.scheme not in SCHEMES:
+            raise UsageError(f"invalid URL {url[:80]!r}: the scheme must be one of {', '.join(SCHEMES)}")
+        if not parsed.hostname or (port is not None and not 0 < port < 65536):
+            raise UsageError(f"invalid URL {url[:80]!r}: expected {parsed.scheme}://HOST[:PORT]")
+    return urls
+
+
+async def close_quietly(nc: NATS) -> None:
+    """Close *nc*, ignoring errors of a connection that is already gone (a lost broker is not news at exit)."""
+    if nc.is_closed:
+        return
+    try:
+        await nc.close()
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        log.debug("closing the connection: %s: %s", type(exc).__name__, exc)
 
 
 async def _connect_or_refused(client: NATS, options: dict[str, Any], refused: asyncio.Event) -> None:

@@ -11,5 +11,12 @@ from meshjobs import durable
 from meshjobs.runtime import ledger
 from meshjobs.state import StateSpec
 from meshjobs.trust import quarantine, reputation
+from meshjobs.workflow import approval
 
-MESH_STATE: tuple[StateSpec, ...] = (*reputation.STATE, *quarantine.STATE, *durable.STATE, *ledger.STATE)
+MESH_STATE: tuple[StateSpec, ...] = (
+    *reputation.STATE,
+    *quarantine.STATE,
+    *durable.STATE,
+    *ledger.STATE,
+    *approval.STATE,
+)

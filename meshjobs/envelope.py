@@ -4,7 +4,8 @@ A frame is ASCII header, newline, UTF-8 JSON body::
 
     MJ1E <signer key, 56 chars> <Ed25519 signature, base64url, 86 chars>\\n{json body}
 
-``MJ1E`` marks an envelope, ``MJ1R`` a result. The signature covers a fixed
+``MJ1E`` marks an envelope, ``MJ1R`` a result (and ``MJ1V`` evidence, ``MJ1Q``
+a quarantine order, ``MJ1T`` a trust service's record, ``MJ1D`` an AI draft). The signature covers a fixed
 domain-separation prefix followed by the exact body bytes that travel, so it
 is checked before the body is parsed at all; only then is the body decoded,
 strictly (UTF-8, no duplicate keys, no NaN or Infinity, bounded depth, no
@@ -36,6 +37,11 @@ ENVELOPE_MAGIC = b"MJ1E"
 RESULT_MAGIC = b"MJ1R"
 EVIDENCE_MAGIC = b"MJ1V"
 QUARANTINE_MAGIC = b"MJ1Q"
+DRAFT_MAGIC = b"MJ1D"  # an AI persona's signed draft, carried inside a hybrid peer's result
+#: A record of the trust service (a peer's reputation, or the service's own progress).
+TRUST_MAGIC = b"MJ1T"
+#: An approver's signed decision on a gated job or a held result (meshjobs.workflow.approval).
+APPROVAL_MAGIC = b"MJ1A"
 #: One domain-separation prefix per kind of signed statement: a signature
 #: made for one kind can never be passed off as another.
 DOMAIN = {
@@ -43,6 +49,9 @@ DOMAIN = {
     RESULT_MAGIC: b"meshjobs/1 result\x00",
     EVIDENCE_MAGIC: b"meshjobs/1 evidence\x00",
     QUARANTINE_MAGIC: b"meshjobs/1 quarantine\x00",
+    DRAFT_MAGIC: b"meshjobs/1 draft\x00",
+    TRUST_MAGIC: b"meshjobs/1 trust record\x00",
+    APPROVAL_MAGIC: b"meshjobs/1 approval\x00",
 }
 _KEY_LEN = 56
 _SIG_LEN = 86
@@ -107,6 +116,16 @@ class ErrorInfo(Wire):
     message: str = Field(max_length=4096)
 
 
+class Provenance(Wire):
+    """Signed statements a result rests on, embedded as frames anyone can verify again.
+
+    ``approval``: the approver's ``MJ1A`` decision that let a gated job run
+    (see :mod:`meshjobs.workflow.approval`).
+    """
+
+    approval: str | None = Field(default=None, max_length=16384)
+
+
 class Result(Wire):
     """A worker's signed answer, bound to the job id and the request's digest."""
 
@@ -118,6 +137,8 @@ class Result(Wire):
     value: Any = None
     error: ErrorInfo | None = None
     issued_at: int = Field(ge=0)
+    provenance: Provenance | None = None
+    """Absent (not null) on the wire when there is none, so such results keep their old bytes."""
 
     _key = field_validator("worker")(_check_key)
 
@@ -370,8 +391,9 @@ def seal_result(
     status: str,
     value: Any = None,
     error: tuple[str, str] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> bytes:
-    """Build and sign a result frame."""
+    """Build and sign a result frame (*provenance*: a :class:`Provenance` as a dict, or None)."""
     body: dict[str, Any] = {
         "version": VERSION,
         "job_id": job_id,
@@ -382,6 +404,8 @@ def seal_result(
         "error": {"code": error[0], "message": error[1][:4096]} if error else None,
         "issued_at": now_ms(),
     }
+    if provenance is not None:
+        body["provenance"] = Provenance.model_validate(provenance).model_dump(mode="json", exclude_none=True)
     return _seal(RESULT_MAGIC, identity, _dumps(body))
 
 

@@ -10,6 +10,7 @@ class carries the exit code the CLI uses for it, so the CLI never has to guess::
     │   └── InvalidKey             2  text that is not a valid nkey (also a ValueError)
     ├── PolicyFileError            2  trust file malformed
     ├── BrokerError                2  the embedded nats-server could not start
+    ├── ImageError                 2  a container image could not be built
     ├── ConnectError               3  no broker reachable at the given URL
     ├── KeyExists                  2  a create or compare-and-set on mesh state lost the race
     ├── NoPeerError                3  nobody offers the capability
@@ -57,6 +58,8 @@ class Reason(enum.StrEnum):
     NO_QUORUM = "no_quorum"
     QUEUE_FULL = "queue_full"
     UNAVAILABLE = "unavailable"
+    NOT_APPROVED = "not_approved"
+    APPROVAL_TIMEOUT = "approval_timeout"
 
 
 #: Rejections a client may answer by trying again with the same job id.
@@ -85,6 +88,8 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.QUARANTINED: "the peer is quarantined",
     Reason.NO_QUORUM: "not enough peers agreed on the result",
     Reason.QUEUE_FULL: "the job queue is full",
+    Reason.NOT_APPROVED: "an approver rejected the job",
+    Reason.APPROVAL_TIMEOUT: "the approval did not come before the deadline",
     Reason.UNAVAILABLE: "the worker cannot reach mesh state right now; try again",
 }
 
@@ -97,6 +102,8 @@ class MeshError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        #: For routed submissions: every peer tried (router Attempts), for ``--trace``.
+        self.trace: list[Any] = []
 
     def __str__(self) -> str:
         return self.message
@@ -130,6 +137,12 @@ class PolicyFileError(MeshError):
 
 class BrokerError(MeshError):
     """The embedded nats-server could not be started or stopped."""
+
+    exit_code = 2
+
+
+class ImageError(MeshError):
+    """A container image could not be built (no Docker engine, a failed build, no wheel for the base)."""
 
     exit_code = 2
 

@@ -13,15 +13,21 @@ import sys
 import click
 
 from meshjobs._version import __version__
+from meshjobs.cli.approvals import approvals, approve, reject
 from meshjobs.cli.celery_bridge import celery_bridge
+from meshjobs.cli.dashboard import dashboard
 from meshjobs.cli.demo import demo
+from meshjobs.cli.doctor import doctor
+from meshjobs.cli.human import human, hybrid
 from meshjobs.cli.identity import keygen, show_id
 from meshjobs.cli.jobs import jobs
 from meshjobs.cli.mesh import broker, mesh
 from meshjobs.cli.persona import persona
 from meshjobs.cli.serve import up, worker
+from meshjobs.cli.sim import sim
 from meshjobs.cli.submit import peers, submit
 from meshjobs.cli.trust import quarantine, release, reputation
+from meshjobs.cli.trust_serve import trust
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +40,11 @@ def main(verbose: int) -> None:
 
 
 COMMANDS: tuple[click.Command, ...] = (keygen, show_id, up, worker, persona, celery_bridge, submit, jobs, peers)
-COMMANDS += (reputation, quarantine, release, broker, mesh, demo)
+COMMANDS += (reputation, quarantine, release, broker, mesh, demo, sim)
+COMMANDS += (dashboard,)
+COMMANDS += (doctor,)
+COMMANDS += (human, hybrid)
+COMMANDS += (trust,)
+COMMANDS += (approvals, approve, reject)
 for command in COMMANDS:
     main.add_command(command)

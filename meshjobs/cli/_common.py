@@ -134,6 +134,9 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
         if result is not None and getattr(click.get_current_context(), "meta", {}).get("json"):
             click.echo(json.dumps(result.record(), indent=2))
         fail(str(exc), exc.exit_code)
+    except (nats.errors.ConnectionClosedError, nats.errors.StaleConnectionError) as exc:
+        # A broker that went away under a command that had no translation for it: still one line, exit 3.
+        fail(f"lost the connection to NATS: {exc}", 3)
     except KeyboardInterrupt:
         fail("interrupted", 130)
 
@@ -171,7 +174,10 @@ def identity_for_use() -> Identity:
 
 
 def servers(value: str) -> list[str]:
-    return [s.strip() for s in value.split(",") if s.strip()]
+    """The comma-separated ``--server`` URLs, checked (a typo is "invalid URL", exit 2, not "no server answered")."""
+    from meshjobs._nats import check_urls
+
+    return check_urls([s.strip() for s in value.split(",") if s.strip()])
 
 
 def load_app(spec: str) -> App:
@@ -185,7 +191,11 @@ def load_app(spec: str) -> App:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UsageError(f"cannot import {module_name!r}: {exc}") from None
-    app = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        public = sorted(n for n, v in vars(module).items() if isinstance(v, App))
+        hint = f" (its meshjobs apps: {', '.join(public)})" if public else ""
+        raise UsageError(f"module {module_name!r} has no attribute {attr!r}{hint}")
+    app = getattr(module, attr)
     if not isinstance(app, App):
         raise UsageError(f"{spec} is not a meshjobs App (got {type(app).__name__})")
     return app
@@ -199,7 +209,8 @@ def local_policy() -> TrustPolicy:
 async def open_router(client: Client) -> Router | None:
     """A router with reputation and quarantine, or None (with a warning) where JetStream is not reachable."""
     try:
-        return await Router.open(client, local_policy().operators)
+        policy = local_policy()
+        return await Router.open(client, policy.operators, policy.trust_services, policy.pretrusted)
     except (MeshError, nats.errors.Error, TimeoutError) as exc:
         click.echo(f"meshjobs: warning: reputation and quarantine unavailable: {exc}", err=True)
         return None
@@ -215,6 +226,38 @@ def print_value(found: Any, as_json: bool, job_id: str) -> None:
     settle_stored(job_id, found)
     if not as_json:
         click.echo(json.dumps(result.value, ensure_ascii=False))
+
+
+async def wait_showing_attempts(durable: Any, job_id: str, timeout: float) -> Any:
+    """Like ``Durable.wait``, but say on stderr how each attempt went as it happens.
+
+    A failing job is retried with growing delays before it is dead-lettered;
+    without this the submitter sits silent through all of it.
+    """
+    from meshjobs.errors import JobTimeout
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    seen: tuple[str, int, str] | None = None
+    while (found := await durable.result(job_id)) is None:
+        state = await durable.state(job_id)
+        if state is not None and (now := (state.state, state.attempts, state.detail)) != seen:
+            seen = now
+            if state.state == "queued" and state.detail:
+                click.echo(f"meshjobs: job {job_id}: {safe_line(state.detail)}", err=True)
+            elif state.state == "running" and state.attempts > 1:
+                click.echo(f"meshjobs: job {job_id}: attempt {state.attempts} running", err=True)
+        if loop.time() >= deadline:
+            raise JobTimeout(f"job {job_id} has no result after {timeout:g} s (it stays queued)")
+        await asyncio.sleep(min(0.1, max(deadline - loop.time(), 0)))
+    return found
+
+
+def safe_line(text: str) -> str:
+    """Peer-supplied text for a plain line on the terminal (controls and bidi marks escaped)."""
+    from meshjobs.cli._render import safe_text
+
+    return safe_text(text, markup=False)
 
 
 #: The options every command that runs a worker takes (worker, persona, celery-bridge).
@@ -235,9 +278,36 @@ _WORKER_OPTIONS = (
 )  # fmt: skip
 
 
+#: ``--metrics-port`` / ``--metrics-host``: a Prometheus endpoint for long-running commands.
+_METRICS_OPTIONS = (
+    click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+                 help="Serve Prometheus metrics on this port (0: any free one) [default: off]."),
+    click.option("--metrics-host", default="127.0.0.1", show_default=True,
+                 help="Address the metrics endpoint binds (loopback keeps it private)."),
+)  # fmt: skip
+
+
+def metrics_options(func: F) -> F:
+    """Add --metrics-port and --metrics-host; start the endpoint with :func:`start_metrics`."""
+    for option in reversed(_METRICS_OPTIONS):
+        func = option(func)
+    return func
+
+
+def start_metrics(port: int | None, host: str) -> Any:
+    """Serve this process's metrics when *port* is given (said on stderr with the URL); None otherwise."""
+    if port is None:
+        return None
+    from meshjobs.observe.metrics import serve_metrics
+
+    server = serve_metrics(port, host)
+    click.echo(f"meshjobs: metrics at {server.url}", err=True)
+    return server
+
+
 def worker_options(func: F) -> F:
     """Add the worker options (and --server) to a command; read them back with :func:`worker_setup`."""
-    for option in reversed((*_WORKER_OPTIONS, server_option)):
+    for option in reversed((*_WORKER_OPTIONS, *_METRICS_OPTIONS, server_option)):
         func = option(func)
     return func
 
@@ -245,6 +315,7 @@ def worker_options(func: F) -> F:
 def worker_setup(opts: dict[str, Any]) -> tuple[Identity, TrustPolicy, WorkerConfig, list[str]]:
     """The identity, trust policy, worker config and server URLs the worker options ask for."""
     logging.getLogger("meshjobs").setLevel(min(logging.getLogger().level, logging.INFO))
+    urls = servers(opts["server"])
     trust_file = opts["trust_file"]
     policy = load_trust(trust_file or home() / TRUST_FILE, required=trust_file is not None)
     config = WorkerConfig(
@@ -256,4 +327,7 @@ def worker_setup(opts: dict[str, Any]) -> tuple[Identity, TrustPolicy, WorkerCon
         max_attempts=opts["max_attempts"],
         retry_delay_s=opts["retry_delay"],
     )
-    return identity_for_use(), policy, config, servers(opts["server"])
+    identity = identity_for_use()
+    # Before the worker exists: a worker built without an observer reports to the process's metrics.
+    start_metrics(opts["metrics_port"], opts["metrics_host"])
+    return identity, policy, config, urls

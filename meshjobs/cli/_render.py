@@ -9,9 +9,12 @@ overrides).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -41,29 +44,115 @@ def short_key(key: str) -> str:
     return key[:12] + "…" if len(key) > 12 else key
 
 
+def narrow_table(title: str, columns: list[tuple[str, int | None]], rows: list[list[str]], width: int) -> Table:
+    """A table that fits *width* (80 columns and up) without breaking a header word ("commun|ity").
+
+    *columns* are (header, width limit); every column but the one whose limit
+    is None gets a fixed width — its longest line, at least its header, and
+    at most its limit when the longest lines would not fit — so rich never
+    squeezes it; the unlimited column takes what is left and folds its cells.
+    Rows are cells already made safe.
+    """
+    longest = [
+        max([len(header), *(len(line) for row in rows for line in row[i].split("\n"))])
+        for i, (header, _) in enumerate(columns)
+    ]
+    wide = next(i for i, (_, limit) in enumerate(columns) if limit is None)
+    gaps = 3 * (len(columns) - 1)  # padding and separator between columns
+    roomy = sum(w for i, w in enumerate(longest) if i != wide) + len(columns[wide][0]) + gaps <= width
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for i, (header, limit) in enumerate(columns):
+        if limit is None:
+            table.add_column(header, min_width=len(header), overflow="fold")
+        else:
+            table.add_column(
+                header, width=longest[i] if roomy else max(len(header), min(longest[i], limit)), overflow="fold"
+            )
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _trust_cell(row: dict[str, Any]) -> str:
+    state = "quarantined" if row.get("quarantined") else "auto-quar." if row.get("auto_quarantined") else ""
+    return f"{row['score']:.2f}" + (f"\n{state}" if state else "")
+
+
 def peers_table(peers: Iterable[PeerInfo | dict[str, Any]], console: Console | None = None) -> None:
-    """One row per worker process; reputation columns when the rows carry them."""
+    """One row per worker process; a trust column when the rows carry scores. Fits 80 columns."""
     console = console or Console()
     rows = [p.as_dict() if isinstance(p, PeerInfo) else p for p in peers]
     if not rows:
         console.print("no peers answered discovery")
         return
     scored = any("score" in r for r in rows)
-    table = Table(title=f"{len(rows)} worker process(es)", title_justify="left")
-    columns = (
-        ["peer", "name", "kind", "region", "community"] + (["score", "state"] if scored else []) + ["capabilities"]
-    )
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    # region/community share a column, score and quarantine another: 80 columns hold the table.
+    columns: list[tuple[str, int | None]] = [("peer", 13), ("name", 11), ("kind", 6), ("where", 11)]
+    columns += [("trust", 11)] if scored else []
+    cells = []
     for r in rows:
-        cells = [safe_text(short_key(r["peer"]))] + [
-            safe_text(r[c] or "-") for c in ("name", "kind", "region", "community")
-        ]
-        if scored:
-            state = "quarantined" if r.get("quarantined") else "auto-quarantined" if r.get("auto_quarantined") else "ok"
-            cells += [f"{r['score']:.2f}", state]
-        table.add_row(*cells, ", ".join(safe_text(c) for c in r["capabilities"]))
-    console.print(table)
+        where = "/".join(safe_text(r[c]) for c in ("region", "community") if r[c]) or "-"
+        row = [safe_text(short_key(r["peer"])), safe_text(r["name"] or "-"), safe_text(r["kind"] or "-"), where]
+        row += [_trust_cell(r)] if scored else []
+        cells.append([*row, ", ".join(safe_text(c) for c in r["capabilities"])])
+    title = f"{len(rows)} worker process(es)"
+    console.print(narrow_table(title, [*columns, ("capabilities", None)], cells, console.width))
+
+
+def jobs_table(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    """Durable jobs (``JobState.as_dict()`` rows), oldest first. Job ids stay whole, for copying."""
+    console = console or Console()
+    if not rows:
+        console.print("no durable jobs")
+        return
+    columns: list[tuple[str, int | None]] = [("job", 32), ("state", 7), ("capability", 16), ("tries", 5)]
+    cells = [
+        [safe_text(r["job_id"]), safe_text(r["state"]), safe_text(r["capability"]), str(r["attempts"]),
+         safe_text(r["detail"] or "-")]
+        for r in rows
+    ]  # fmt: skip
+    console.print(narrow_table(f"{len(rows)} durable job(s)", [*columns, ("detail", None)], cells, console.width))
+
+
+def dlq_table(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    """Dead letters: job id, capability, attempts, reason."""
+    console = console or Console()
+    if not rows:
+        console.print("the dead-letter queue is empty")
+        return
+    cells = [
+        [safe_text(r["job_id"]), safe_text(r["capability"]), str(r["attempts"]), safe_text(r["reason"])] for r in rows
+    ]
+    columns: list[tuple[str, int | None]] = [("job", 32), ("capability", 16), ("tries", 5), ("reason", None)]
+    console.print(narrow_table(f"{len(rows)} dead job(s)", columns, cells, console.width))
+
+
+@contextmanager
+def progress(description: str, total: int | None) -> Iterator[Callable[[float], None]]:
+    """A progress bar on stderr when it is a terminal (nothing otherwise); yields ``advance(n)``.
+
+    Scripts that read stdout (or a log that captures stderr) never see bar
+    redraws; people at a terminal see the work move.
+    """
+    if not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@contextmanager
+def status(description: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with a changing line on stderr when it is a terminal; yields ``update(text)``."""
+    if not sys.stderr.isatty():
+        yield lambda text: None
+        return
+    console = Console(stderr=True)
+    with console.status(description) as spinner:
+        yield lambda text: spinner.update(f"{description}: {safe_text(text)}")
 
 
 def mesh_table(health: MeshHealth, console: Console | None = None) -> None:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from meshjobs.cli._common import guarded, home, server_option
+from meshjobs.cli._common import guarded, home
 from meshjobs.identity import IDENTITY_FILE, Identity, load_identity, save_identity
 
 # -- identity ------------------------------------------------------------------
@@ -14,9 +14,8 @@ from meshjobs.identity import IDENTITY_FILE, Identity, load_identity, save_ident
 
 @click.command()
 @click.option("--force", is_flag=True, help="Replace an existing identity (the old key is lost).")
-@server_option
 @guarded
-def keygen(force: bool, server: str) -> None:
+def keygen(force: bool) -> None:
     """Create this peer's identity (an Ed25519 nkey) under MESHJOBS_HOME."""
     path = home() / IDENTITY_FILE
     identity = Identity.generate()
@@ -27,9 +26,8 @@ def keygen(force: bool, server: str) -> None:
 
 @click.command("id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@server_option
 @guarded
-def show_id(as_json: bool, server: str) -> None:
+def show_id(as_json: bool) -> None:
     """Show this peer's public key (its identity)."""
     path = home() / IDENTITY_FILE
     identity = load_identity(path)

@@ -7,19 +7,31 @@ from typing import Any
 
 import click
 
-from meshjobs.cli._common import WEEK_S, Seconds, guarded, identity_for_use, print_value, run, server_option, servers
-from meshjobs.cli._render import safe_text
+from meshjobs._nats import close_quietly, connect
+from meshjobs.cli._common import (
+    WEEK_S,
+    Seconds,
+    guarded,
+    identity_for_use,
+    metrics_options,
+    print_value,
+    run,
+    server_option,
+    servers,
+    start_metrics,
+    wait_showing_attempts,
+)
+from meshjobs.cli._render import dlq_table, jobs_table, safe_text
 
 
 async def _open(server: str) -> Any:
-    from meshjobs._nats import connect
     from meshjobs.durable import Durable
 
     nc = await connect(servers(server), identity_for_use(), name="meshjobs-jobs")
     try:
         return nc, await Durable.open(nc)
     except BaseException:
-        await nc.close()
+        await close_quietly(nc)
         raise
 
 
@@ -42,7 +54,7 @@ def status(job_id: str, as_json: bool, server: str) -> None:
         try:
             state = await durable.state(job_id)
         finally:
-            await nc.close()
+            await close_quietly(nc)
         if state is None:
             raise UsageError(f"no durable job {job_id}")
         if as_json:
@@ -66,9 +78,9 @@ def result(job_id: str, wait_s: float, as_json: bool, server: str) -> None:
     async def go() -> None:
         nc, durable = await _open(server)
         try:
-            found = await durable.wait(job_id, wait_s)
+            found = await wait_showing_attempts(durable, job_id, wait_s) if wait_s else await durable.wait(job_id, 0)
         finally:
-            await nc.close()
+            await close_quietly(nc)
         print_value(found, as_json, job_id)
 
     run(go())
@@ -79,36 +91,56 @@ def result(job_id: str, wait_s: float, as_json: bool, server: str) -> None:
 @click.option(
     "--timeout", type=Seconds(max=WEEK_S), default=300.0, show_default=True, help="Seconds to wait for all of them."
 )
+@click.option("--json", "as_json", is_flag=True, help="Print each job's state as JSON at the end.")
+@metrics_options
 @server_option
 @guarded
-def wait(job_ids: tuple[str, ...], timeout: float, server: str) -> None:
-    """Wait for many durable jobs, with progress; exits 4 if some have no result in time."""
-    import asyncio
-
-    from rich.progress import Progress
-
+def wait(
+    job_ids: tuple[str, ...], timeout: float, as_json: bool, metrics_port: int | None, metrics_host: str, server: str
+) -> None:
+    """Wait for many durable jobs, with a progress bar on a terminal; exits 4 if some have no result in time."""
     from meshjobs.errors import JobTimeout
+
+    start_metrics(metrics_port, metrics_host)
+    wanted = list(dict.fromkeys(job_ids))
 
     async def go() -> None:
         nc, durable = await _open(server)
-        pending = set(job_ids)
         try:
-            with Progress(transient=False) as progress:
-                bar = progress.add_task("jobs done", total=len(job_ids))
-                loop = asyncio.get_running_loop()
-                deadline = loop.time() + timeout
-                while pending and loop.time() < deadline:
-                    for job_id in list(pending):
-                        if await durable.results.get(job_id) is not None:
-                            pending.discard(job_id)
-                            progress.advance(bar)
-                    await asyncio.sleep(0.2)
+            pending = await _await_results(durable, wanted, timeout)
         finally:
-            await nc.close()
+            await close_quietly(nc)
+        if as_json:
+            click.echo(json.dumps([{"job_id": j, "done": j not in pending} for j in wanted], indent=2))
+        else:
+            click.echo(f"{len(wanted) - len(pending)} of {len(wanted)} job(s) done")
         if pending:
-            raise JobTimeout(f"{len(pending)} of {len(job_ids)} job(s) have no result after {timeout:g} s")
+            raise JobTimeout(f"{len(pending)} of {len(wanted)} job(s) have no result after {timeout:g} s")
 
     run(go())
+
+
+async def _await_results(durable: Any, job_ids: list[str], timeout: float) -> set[str]:
+    """Poll until every job has a stored result or *timeout* passes; returns those without one."""
+    import asyncio
+
+    from meshjobs.cli._render import progress
+    from meshjobs.observe.metrics import set_awaited
+
+    pending = set(job_ids)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    with progress("jobs done", total=len(job_ids)) as advance:
+        while pending:
+            for job_id in list(pending):
+                if await durable.results.get(job_id) is not None:
+                    pending.discard(job_id)
+                    advance(1)
+            set_awaited(len(pending), len(job_ids) - len(pending))
+            if not pending or loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(0.2, max(deadline - loop.time(), 0)))
+    return pending
 
 
 @jobs.command("list")
@@ -125,16 +157,12 @@ def list_jobs(only: str | None, limit: int, as_json: bool, server: str) -> None:
         try:
             states = await durable.list_states(limit=limit * 4 if only else limit)
         finally:
-            await nc.close()
+            await close_quietly(nc)
         rows = [s for s in states if only is None or s.state == only][-limit:]
         if as_json:
             click.echo(json.dumps([s.as_dict() for s in rows], indent=2))
-            return
-        for s in rows:
-            detail = safe_text(s.detail, markup=False)
-            click.echo(f"{s.job_id}  {s.state:<8} {s.capability:<24} attempts={s.attempts} {detail}")
-        if not rows:
-            click.echo("no durable jobs")
+        else:
+            jobs_table([s.as_dict() for s in rows])
 
     run(go())
 
@@ -152,18 +180,15 @@ def dlq(redrive_id: str | None, as_json: bool, server: str) -> None:
         try:
             if redrive_id:
                 await durable.redrive(identity_for_use(), redrive_id)
-                click.echo(f"re-queued {redrive_id}")
+                click.echo(json.dumps({"requeued": redrive_id}) if as_json else f"re-queued {redrive_id}")
                 return
             dead = await durable.dead_letters()
         finally:
-            await nc.close()
+            await close_quietly(nc)
+        rows = [{k: v for k, v in d.items() if k != "envelope"} for d in dead]
         if as_json:
-            click.echo(json.dumps([{k: v for k, v in d.items() if k != "envelope"} for d in dead], indent=2))
-            return
-        for d in dead:
-            what = safe_text(f"{d['job_id']}  {d['capability']:<24}", markup=False)
-            click.echo(f"{what} attempts={d['attempts']} {safe_text(d['reason'], markup=False)}")
-        if not dead:
-            click.echo("the dead-letter queue is empty")
+            click.echo(json.dumps(rows, indent=2))
+        else:
+            dlq_table(rows)
 
     run(go())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,13 +16,16 @@ from meshjobs.cli._common import (
     identity_for_use,
     load_app,
     run,
-    server_option,
     worker_options,
     worker_setup,
 )
-from meshjobs.errors import UsageError
+from meshjobs.errors import BrokerError, MeshError, UsageError
 from meshjobs.identity import Identity, is_public_key
 from meshjobs.runtime.app import PEER_KINDS, App
+
+if TYPE_CHECKING:
+    from meshjobs.infra.broker import NatsServer
+    from meshjobs.infra.services import ServiceProcess
 
 # -- broker ------------------------------------------------------------------
 
@@ -55,12 +58,18 @@ from meshjobs.runtime.app import PEER_KINDS, App
     metavar="KEY",
     help="With --closed: also admit KEY (what `meshjobs id` prints) as an ordinary peer. Repeatable.",
 )
-@server_option
+@click.option(
+    "--no-trust-service",
+    "no_trust",
+    is_flag=True,
+    help="Do not run the trust service (the one writer of reputation) as this identity next to the broker.",
+)
 @guarded
-def up(port: int, monitor_port: int, store: Path | None, closed: bool, admit: tuple[str, ...], server: str) -> None:
+def up(port: int, monitor_port: int, store: Path | None, closed: bool, admit: tuple[str, ...], no_trust: bool) -> None:
     """Run the embedded broker: nats-server with JetStream on loopback, in the foreground.
 
     Open to any local client by default; --closed admits only the keys it is given.
+    The trust service runs next to it as this identity (its log is in the data dir).
     """
     from meshjobs.infra.broker import closed_roles, embedded
 
@@ -69,6 +78,8 @@ def up(port: int, monitor_port: int, store: Path | None, closed: bool, admit: tu
     for key in admit:
         if not is_public_key(key):
             raise UsageError(f"--admit {key[:16]!r}: not a peer key (56 characters starting with U)")
+    for number, what in ((port, "--port"), (monitor_port, "--monitor-port")):
+        _check_free(number, what)
     identity = identity_for_use() if closed else None
     admitted = closed_roles(identity.public_key, admit) if identity else None
     broker = embedded(
@@ -82,6 +93,7 @@ def up(port: int, monitor_port: int, store: Path | None, closed: bool, admit: tu
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     broker.start()
+    trust = None
     try:
         access = "open to every local client"
         if identity is not None:
@@ -91,17 +103,70 @@ def up(port: int, monitor_port: int, store: Path | None, closed: bool, admit: tu
                 f"closed: admits {identity.public_key} as operator, trust service and peer{others}; "
                 f"mesh state ready ({len(created)} streams and buckets)"
             )
+        if not no_trust:
+            trust, key = _trust_service(broker.url, broker.workdir)
+            access += f"; trust service {key} (log {trust.log_path})"
         click.echo(
             f"meshjobs broker ready at {broker.url} ({access}; monitoring http://127.0.0.1:{broker.monitor_port}, "
             f"data {broker.workdir}, log {broker.log_path}); Ctrl-C to stop",
         )
-        while not stop["signal"]:
-            if broker.process is None or broker.process.poll() is not None:
-                fail(f"nats-server exited unexpectedly; see {broker.log_path}", 1)
-            time.sleep(0.2)
+        _supervise(broker, trust, stop)
     finally:
+        if trust is not None:
+            trust.stop()
         broker.stop()
     click.echo("meshjobs broker stopped")
+
+
+def _trust_service(url: str, workdir: Path) -> tuple[ServiceProcess, str]:
+    """Start the trust service as this identity (``meshjobs trust serve``), waiting until it reads evidence.
+
+    Returns it and its key. The service creates the identity if there is none
+    yet (said in its log), so the first line `up` prints stays the ready line.
+    """
+    import os
+
+    from meshjobs.identity import IDENTITY_FILE, load_identity
+    from meshjobs.infra.services import trust_service
+
+    env = dict(os.environ, MESHJOBS_HOME=str(home()), MESHJOBS_SERVER=url)
+    service = trust_service([url], workdir, env=env).start()
+    return service, load_identity(home() / IDENTITY_FILE).public_key
+
+
+def _supervise(broker: NatsServer, trust: ServiceProcess | None, stop: dict[str, int]) -> None:
+    """Until a signal: fail when the broker dies; start the trust service again when it dies (at most every 5 s)."""
+    restarted = 0.0
+    while not stop["signal"]:
+        if broker.process is None or broker.process.poll() is not None:
+            fail(f"nats-server exited unexpectedly; see {broker.log_path}", 1)
+        if trust is not None and not trust.alive() and time.monotonic() - restarted > 5:
+            click.echo(
+                f"meshjobs: warning: the trust service exited; starting it again (log {trust.log_path})", err=True
+            )
+            restarted = time.monotonic()
+            try:
+                trust.start()
+            except MeshError as exc:
+                click.echo(f"meshjobs: warning: {exc}", err=True)
+        time.sleep(0.2)
+
+
+def _check_free(port: int, option: str) -> None:
+    """Refuse a taken port with a clear line (nats-server would only say it failed to start)."""
+    import socket
+
+    if not port:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server does: TIME_WAIT is not taken
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise BrokerError(
+                f"port {port} on 127.0.0.1 is taken (is another `meshjobs up` running?): stop it, "
+                f"or choose another with {option} (0 picks a free one)"
+            ) from None
 
 
 async def _provision(url: str, identity: Identity) -> list[str]:

@@ -24,6 +24,7 @@ from meshjobs.identity import Identity
 from meshjobs.infra.broker import NatsServer, find_nats_server, is_our_server, stop_pid_file
 from meshjobs.infra.credentials import ensure_credentials
 from meshjobs.infra.natsconf import node_config
+from meshjobs.infra.services import TRUST_SERVICE, ServiceProcess, trust_service
 from meshjobs.infra.topology import Community, Topology
 from meshjobs.state import StateSpec
 from meshjobs.state import provision as create_state
@@ -153,23 +154,31 @@ class LocalMesh:
         text = node_config(self.topology, name, self.state_dir / "data")
         return NatsServer(text, self.state_dir, name=name, binary=binary, detach=self.detach)
 
-    def up(self, timeout: float = 60.0) -> MeshHealth:
-        """Start every server that is not running, then wait until the mesh is healthy."""
+    def up(self, timeout: float = 60.0, progress: Callable[[str], None] | None = None) -> MeshHealth:
+        """Start every server that is not running, then wait until the mesh is healthy.
+
+        *progress* hears one line per step (a server started, what the mesh still waits for).
+        """
+        say = progress or (lambda line: None)
         binary = find_nats_server()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         ensure_credentials(self.topology, self.state_dir)
         for name in self.topology.server_names():
             server = self.server(name, binary)
             if self._running(server):
+                say(f"{name} already running")
                 continue
+            say(f"starting {name}")
             server.start(timeout=timeout)
             self.started[name] = server
-        return self.wait_healthy(timeout)
+        return self.wait_healthy(timeout, progress)
 
-    def wait_healthy(self, timeout: float = 60.0) -> MeshHealth:
+    def wait_healthy(self, timeout: float = 60.0, progress: Callable[[str], None] | None = None) -> MeshHealth:
         deadline = time.monotonic() + timeout
         health = check_health(self.topology)
         while not health.healthy and time.monotonic() < deadline:
+            if progress is not None:
+                progress(f"waiting: {health.problems[0]}" if health.problems else "waiting")
             time.sleep(0.2)
             health = check_health(self.topology)
         if not health.healthy:
@@ -183,9 +192,30 @@ class LocalMesh:
             return False
         return is_our_server(pid, server.config_path)
 
+    def hub_urls(self) -> list[str]:
+        """Every hub node's client URL, the state region's first."""
+        state = self.topology.state_region
+        regions = [state, *(r for r in self.topology.region if r.name != state.name)]
+        return [f"nats://{self.topology.mesh.host}:{n.client_port}" for r in regions for n in r.nodes]
+
+    def trust_service(self, env: dict[str, str] | None = None) -> ServiceProcess:
+        """The trust service of this mesh (``meshjobs trust serve`` on the hub nodes); log and pid in the state dir.
+
+        It runs as the identity of *env*'s ``MESHJOBS_HOME``: a key the topology
+        lists under ``trust_services``.
+        """
+        return trust_service(self.hub_urls(), self.state_dir, env=env, detach=self.detach)
+
+    def start_trust_service(self, env: dict[str, str] | None = None, timeout: float = 30.0) -> ServiceProcess | None:
+        """Start the trust service unless it is running; None when it was."""
+        service = self.trust_service(env)
+        if service.alive():
+            return None
+        return service.start(timeout)
+
     def down(self) -> list[str]:
-        """Stop every server of the mesh by PID; returns the names that were running."""
-        stopped = []
+        """Stop the trust service and every server of the mesh by PID; returns the names that were running."""
+        stopped = [TRUST_SERVICE] if self.trust_service().stop() else []
         for name in reversed(self.topology.server_names()):
             server = self.server(name)
             if stop_pid_file(server.pid_path, server.config_path):

@@ -155,8 +155,9 @@ def leaf_key_var(community: str) -> str:
 # consumer. The names below repeat what the owning modules declare in
 # meshjobs.catalog (infra imports no job module); a unit test keeps them in step.
 
-#: Buckets workers and submitters write (signed results, nonces, job states, live claims).
-PEER_BUCKETS = ("results", "nonces", "jobs", "claims")
+#: Buckets workers and submitters write (signed results, nonces, job states, live claims, approval
+#: requests and signed approval decisions: a decision counts only by its signer, not by who wrote it).
+PEER_BUCKETS = ("results", "nonces", "jobs", "claims", "approvals")
 #: Written only by the trust service (and operators).
 TRUST_BUCKETS = ("reputation",)
 #: Written only by operators.

@@ -128,8 +128,9 @@ class PersonaPeer:
             log.warning("persona %s sends its API key over plain HTTP to %s", persona.name, host)
         self.app = App(persona.name, kind="ai", description=persona.description or f"AI persona {persona.name}")
         for cap in persona.capabilities:
-            description = f"{cap.description} [{', '.join(cap.tags)}]" if cap.tags else cap.description
-            self.app.capability(cap.name, timeout=self.job_timeout(cap), description=description)(self._handler(cap))
+            register = self.app.capability(cap.name, timeout=self.job_timeout(cap), description=cap.description,
+                                           tags=cap.tags)  # fmt: skip
+            register(self._handler(cap))
 
     def __repr__(self) -> str:
         endpoint = self.persona.endpoint

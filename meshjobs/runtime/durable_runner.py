@@ -16,9 +16,11 @@ from meshjobs.durable import DLQ_SUBJECT, STREAM, Durable, JobState, consumer_na
 from meshjobs.envelope import Envelope, digest
 from meshjobs.errors import MeshError, Rejected
 from meshjobs.identity import Identity
+from meshjobs.observe.metrics import JobObserver
 from meshjobs.runtime.app import App, Capability
 from meshjobs.runtime.config import WorkerConfig
 from meshjobs.runtime.execute import Execution, execute, seal
+from meshjobs.workflow.waiting import ApprovalGate
 
 #: Checks a frame that arrived on a subject for a capability (every check but
 #: replay, which is mesh-wide here); the live worker's, so both paths agree.
@@ -39,8 +41,13 @@ class DurableRunner:
         config: WorkerConfig,
         verify: Verify,
         slots: asyncio.Semaphore,
+        *,
+        observer: JobObserver | None = None,
+        approvals: ApprovalGate | None = None,
     ) -> None:
+        self.approvals = approvals  # gated capabilities wait here for a signed approval (in-progress acks go on)
         self.durable = durable
+        self.observer = observer or JobObserver()  # $SRV.STATS and metrics: runs, redeliveries, dead letters
         self.app = app
         self.identity = identity
         self.peer = identity.public_key
@@ -48,28 +55,41 @@ class DurableRunner:
         self.verify = verify
         self.slots = slots  # one concurrency limit for the live and the durable path
         self.js: JetStreamContext = durable.js
-        self._loops: list[asyncio.Task[None]] = []
+        self._loops: dict[str, asyncio.Task[None]] = {}
         self._jobs: set[asyncio.Task[None]] = set()
         self._free = asyncio.Semaphore(self.config.concurrency)
         self._stopping = asyncio.Event()
         self.executions = 0
 
     async def start(self) -> None:
-        for cap in self.app.capabilities.values():
-            config = ConsumerConfig(
-                durable_name=consumer_name(cap.name),
-                filter_subject=jobs_subject(cap.name),
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=ACK_WAIT,
-                # A backstop: the worker moves a job to the dead-letter queue
-                # itself after max_attempts, before the server gives up on it.
-                max_deliver=self.config.max_attempts + 2,
-                max_ack_pending=max(self.config.concurrency * 4, 64),
-            )
-            sub = await self.js.pull_subscribe(
-                jobs_subject(cap.name), durable=consumer_name(cap.name), stream=STREAM, config=config
-            )
-            self._loops.append(asyncio.create_task(self._pull(cap, sub)))
+        for cap in list(self.app.capabilities.values()):
+            await self.consume(cap)
+
+    async def consume(self, cap: Capability) -> None:
+        """Start pulling *cap*'s durable jobs (a capability offered while the worker runs, too)."""
+        if cap.name in self._loops:
+            return
+        config = ConsumerConfig(
+            durable_name=consumer_name(cap.name),
+            filter_subject=jobs_subject(cap.name),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            # A backstop: the worker moves a job to the dead-letter queue
+            # itself after max_attempts, before the server gives up on it.
+            max_deliver=self.config.max_attempts + 2,
+            max_ack_pending=max(self.config.concurrency * 4, 64),
+        )
+        sub = await self.js.pull_subscribe(
+            jobs_subject(cap.name), durable=consumer_name(cap.name), stream=STREAM, config=config
+        )
+        self._loops[cap.name] = asyncio.create_task(self._pull(cap, sub))
+
+    async def release(self, name: str) -> None:
+        """Stop pulling *name*'s durable jobs; jobs already pulled finish."""
+        loop = self._loops.pop(name, None)
+        if loop is not None:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
 
     async def _pull(self, cap: Capability, sub: JetStreamContext.PullSubscription) -> None:
         while not self._stopping.is_set():
@@ -104,9 +124,9 @@ class DurableRunner:
     async def stop(self) -> None:
         """Stop pulling; finish what was pulled (or hand it back after the drain timeout)."""
         self._stopping.set()
-        for loop in self._loops:
+        for loop in self._loops.values():
             loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await asyncio.gather(*self._loops.values(), return_exceptions=True)
         if self._jobs:
             done, pending = await asyncio.wait(set(self._jobs), timeout=self.config.drain_timeout_s)
             for task in pending:
@@ -124,14 +144,18 @@ class DurableRunner:
 
     async def _handle_job(self, cap: Capability, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered
+        if attempt > 1:
+            self.observer.redelivered(cap.name)
         try:
             envelope = self.verify(msg.data, msg.subject, cap, self.config.max_durable_validity_s)
         except Rejected as exc:
+            self.observer.rejected(exc.code)
             log.warning("terminating an invalid durable job: %s", exc)
             await msg.term()  # never redelivered
             return
         job_id = envelope.job_id
         if not await self.durable.record_nonce(envelope.submitter, envelope.nonce, job_id):
+            self.observer.rejected("replay")
             log.warning("terminating job %s: its nonce was used by another job (replay)", job_id)
             await msg.term()
             return
@@ -153,17 +177,22 @@ class DurableRunner:
         state = JobState(job_id, "running", cap.name, envelope.submitter, digest(msg.data), self.peer, attempt)
         await self.durable.put_state(state)
         keepalive = asyncio.create_task(self._in_progress(msg))
+        self.observer.job_started(cap.name, "durable")
+        started = asyncio.get_running_loop().time()
         try:
-            async with self.slots:
-                self.executions += 1
-                execution = await execute(cap, envelope, self.peer)
+            self.executions += 1
+            # The slot is taken inside, after any approval: a waiting job holds none.
+            execution = await execute(cap, envelope, self.peer, gate=self.approvals, slots=self.slots)
         except asyncio.CancelledError:
+            self.observer.job_finished(cap.name, "durable", "rejected", 0.0, "shutting_down")
             keepalive.cancel()
             await _quietly(msg.nak())  # shutting down: hand it back at once
             raise
         finally:
             keepalive.cancel()
-        status, _, error = execution
+        status, error = execution.status, execution.error
+        elapsed = asyncio.get_running_loop().time() - started
+        self.observer.job_finished(cap.name, "durable", status, elapsed, error and error[1])
         if status in ("error", "timeout") and attempt < self.config.max_attempts:
             delay = self.config.retry_delay_s * 2 ** (attempt - 1)
             state.state, state.detail = (
@@ -193,6 +222,7 @@ class DurableRunner:
             "Nats-Msg-Id": f"dlq.{job_id}.{attempts}",
         }
         await self.js.publish(f"{DLQ_SUBJECT}.{cap.name}", msg.data, headers=headers)
+        self.observer.dead_lettered(cap.name)
         log.warning("job %s moved to the dead-letter queue: %s", job_id, reason)
 
     async def _in_progress(self, msg: Msg) -> None:

@@ -195,7 +195,7 @@ def test_persona_app_is_an_ai_app_with_the_persona_capabilities() -> None:
     assert isinstance(app, App)
     assert (app.name, app.kind) == ("reviewer", "ai")
     cap = app.capabilities["review.thing"]
-    assert cap.description == "Review a thing [design]"
+    assert cap.description == "Review a thing" and cap.tags == ("design",)
     assert cap.timeout == 60 * 3 + 8 * 2 + 1  # every attempt, the backoff, a second of slack
     text = GOOD.replace('tags = ["design"]', 'tags = ["design"]\ntimeout = 30')
     assert persona_app(parse_persona(text), environ={}).capabilities["review.thing"].timeout == 30

@@ -35,6 +35,7 @@ class FakeNats:
     """Just enough of a NATS connection: each publish is answered at once by *answer*."""
 
     max_payload = 1024 * 1024
+    is_closed = False
 
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
