@@ -22,13 +22,19 @@ demo: $(BIN)/meshjobs
 
 test: lint docker
 	scripts/ensure-redis
+	scripts/ensure-chromium
 	$(BIN)/pytest -q
 
-# A Docker engine for the sandbox tests (Debian's docker.io, started in the
-# background, stopped by PID with `make docker-stop`) and the offline test image.
+# A Docker engine for the sandbox and compose tests (Debian's docker.io, started
+# in the background, stopped by PID with `make docker-stop`), Docker Compose
+# (Debian's docker-compose 1.29 if none), and the images they need, built
+# offline: the sandbox's busybox image and a Python base (debootstrap; kept
+# once built) for the worker image, which the compose test builds.
 docker:
 	scripts/ensure-docker
+	scripts/ensure-compose
 	scripts/build-sandbox-image
+	scripts/build-python-base
 
 docker-stop:
 	scripts/stop-docker

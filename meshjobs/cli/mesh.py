@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import tomlkit
@@ -14,6 +15,9 @@ from meshjobs.cli._common import DAY_S, F, Seconds, guarded, home
 from meshjobs.errors import UsageError
 from meshjobs.identity import decode_public
 from meshjobs.infra.topology import Topology, load_topology, parse_topology
+
+if TYPE_CHECKING:
+    from meshjobs.infra.mesh import LocalMesh
 
 TOPOLOGY_HELP = "The mesh topology file (see config/topology.toml)."
 
@@ -137,7 +141,7 @@ def add_peer(topology_path: Path, community: str | None, role: str, key: str, st
 
 @click.group()
 def mesh() -> None:
-    """A whole topology on this machine: up, down, status, compose."""
+    """A whole topology: up, down, status and provision as local processes; compose, secrets, images for Docker."""
 
 
 @mesh.command("up")
@@ -156,18 +160,42 @@ def mesh_up(topology_path: Path, state_dir: Path | None, timeout: float, as_json
     """Start every server of the topology as a local process and wait until all links are up."""
     import time
 
+    from meshjobs.cli._render import status
     from meshjobs.infra.mesh import LocalMesh
 
     topology = load_topology(topology_path)
     local = LocalMesh(topology, _state(topology, state_dir))
     started = time.monotonic()
-    health = local.up(timeout)
+    with status(f"mesh {topology.mesh.name} up") as update:  # a spinner with the current step, on a terminal
+        health = local.up(timeout, progress=update)
     _show(health, as_json)
     if not as_json:
         click.echo(
             f"mesh {topology.mesh.name!r} healthy in {time.monotonic() - started:.1f} s; state in {local.state_dir}"
         )
     _provision(topology, as_json)
+    _start_trust_service(local, as_json)
+
+
+def _start_trust_service(local: LocalMesh, quiet: bool) -> None:
+    """Run the trust service on the hub when this peer's key is one the topology lists for it."""
+    import os
+
+    from meshjobs.cli._common import identity_for_use
+
+    identity = identity_for_use()
+    if identity.public_key not in local.topology.mesh.trust_services:
+        if not quiet:
+            click.echo(
+                "trust service not started: this key is not listed under trust_services; admit it "
+                "(meshjobs broker add-peer --topology FILE --role trust-service KEY) and run mesh up again, or run "
+                "`meshjobs trust serve` where that key lives"
+            )
+        return
+    service = local.start_trust_service(env=dict(os.environ, MESHJOBS_HOME=str(home())))
+    if not quiet:
+        what = "started" if service is not None else "already running"
+        click.echo(f"trust service {what} as {identity.public_key} (log {local.trust_service().log_path})")
 
 
 def _provision(topology: Topology, quiet: bool) -> None:
@@ -209,12 +237,21 @@ def mesh_down(topology_path: Path, state_dir: Path | None) -> None:
 @mesh.command("status")
 @topology_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--wait", type=Seconds(max=DAY_S), default=0.0, metavar="SECONDS",
+              help="Ask again until the mesh is healthy, for up to this long (servers still starting).")  # fmt: skip
 @guarded
-def mesh_status(topology_path: Path, as_json: bool) -> None:
+def mesh_status(topology_path: Path, as_json: bool, wait: float) -> None:
     """Health from every server's monitoring endpoint. Exits 1 when something is wrong."""
+    import time
+
     from meshjobs.infra.mesh import check_health
 
-    health = check_health(load_topology(topology_path))
+    topology = load_topology(topology_path)
+    deadline = time.monotonic() + wait
+    health = check_health(topology)
+    while not health.healthy and time.monotonic() < deadline:
+        time.sleep(0.5)
+        health = check_health(topology)
     _show(health, as_json)
     if not health.healthy:
         raise SystemExit(1)
@@ -231,23 +268,119 @@ def _show(health: object, as_json: bool) -> None:
         mesh_table(health)
 
 
+OUT_HELP = "The compose directory [default: ./meshjobs-compose, a new directory]."
+
+
+def out_option(func: F) -> F:
+    from meshjobs.infra.compose import DEFAULT_OUT
+
+    return click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
+                        help=OUT_HELP)(func)  # fmt: skip
+
+
 @mesh.command("compose")
 @topology_option
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
-              help="Directory for docker-compose.yml and brokers/.")  # fmt: skip
+@out_option
+@click.option("--force", is_flag=True, help="Overwrite files already in --out (a previous rendering).")
 @guarded
-def mesh_compose(topology_path: Path, out: Path) -> None:
-    """Write docker-compose.yml and brokers/ (configs, secrets, image recipe) for the topology."""
-    from meshjobs.infra.compose import CONTAINER_DATA, DOCKERFILE, render_compose
-    from meshjobs.infra.credentials import ensure_credentials
-    from meshjobs.infra.natsconf import node_config
+def mesh_compose(topology_path: Path, out: Path, force: bool) -> None:
+    """Write docker-compose.yml and brokers/ (configs, image recipes) for the topology into --out.
+
+    The services: every server, the trust service and one demo worker per
+    community. Never writes over existing files without --force. Secrets come
+    from `meshjobs mesh secrets`, images from `meshjobs mesh images` (README: Docker).
+    """
+    from meshjobs.infra.compose import missing_secrets, service_homes, write_compose
 
     topology = load_topology(topology_path)
-    brokers = out / "brokers"
-    brokers.mkdir(parents=True, exist_ok=True)
-    for name in topology.server_names():
-        (brokers / f"{name}.conf").write_text(node_config(topology, name, Path(CONTAINER_DATA)))
-    (brokers / "Dockerfile").write_text(DOCKERFILE)
-    ensure_credentials(topology, brokers)
-    (out / "docker-compose.yml").write_text(render_compose(topology, str(topology_path)))
-    click.echo(f"wrote {out / 'docker-compose.yml'} and {brokers}/ ({len(topology.server_names())} servers)")
+    write_compose(topology, str(topology_path), out, force=force)
+    click.echo(
+        f"wrote {out / 'docker-compose.yml'} and {out / 'brokers'}/: {len(topology.server_names())} servers, "
+        f"{len(service_homes(topology)) - 1} demo workers, the trust service"
+    )
+    if missing_secrets(topology, out):
+        click.echo(
+            f"next: meshjobs mesh secrets --topology {topology_path} --out {out}; it admits the services' keys, "
+            "so render again after it, with --force"
+        )
+
+
+@mesh.command("secrets")
+@topology_option
+@out_option
+@click.option("--trust", "trusted", multiple=True, metavar="KEY",
+              help="A submitter the demo workers run commands for (repeatable) [default: `meshjobs id`].")  # fmt: skip
+@guarded
+def mesh_secrets(topology_path: Path, out: Path, trusted: tuple[str, ...]) -> None:
+    """Generate the secrets of a compose deployment in --out, and admit its services in the topology.
+
+    Broker credentials (brokers/secrets/), an identity per service (secrets/<service>/,
+    0700, files 0600) with a trust file, and .env (the user the containers run
+    as). Existing secrets are kept. The workers' keys are admitted as workers on
+    their community and the trust service's as trust-service, in the topology
+    file (comments are kept): render the compose files after this. Never commit
+    what this writes.
+    """
+    from meshjobs.cli._common import identity_for_use
+    from meshjobs.infra.compose import COMPOSE_FILE, ensure_secrets, service_homes
+
+    for key in trusted:
+        try:
+            decode_public(key)
+        except ValueError as exc:
+            raise UsageError(f"--trust {key[:16]!r} is not a peer key: {exc}") from None
+    keys = list(trusted) or [identity_for_use().public_key]
+    topology = load_topology(topology_path)
+    made = ensure_secrets(topology, out, keys)
+    changed = False
+    for service, community in service_homes(topology).items():
+        role = "worker" if community else "trust-service"
+        added = add_peer_to_file(topology_path, made.keys[service], community, role)
+        changed |= added
+        where = f"community {community}" if community else "the hub"
+        click.echo(
+            f"{service}: {made.keys[service]} {'admitted' if added else 'already admitted'} as {role} on {where}"
+        )
+    click.echo(f"secrets in {out / 'secrets'} and {out / 'brokers' / 'secrets'}; containers run as uid {made.uid} "
+               f"({out / '.env'}); the workers trust {', '.join(k[:12] + '…' for k in keys)}")  # fmt: skip
+    if changed and (out / COMPOSE_FILE).exists():
+        click.echo(f"the topology changed: render again with meshjobs mesh compose --topology {topology_path} "
+                   f"--out {out} --force")  # fmt: skip
+
+
+@mesh.command("images")
+@click.option("--base", default=None, metavar="IMAGE",
+              help="Base of the worker image (build argument BASE) [default: python:3.11-slim].")  # fmt: skip
+@click.option("--source", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="The meshjobs source tree to build wheels from [default: this checkout].")  # fmt: skip
+@guarded
+def mesh_images(base: str | None, source: Path | None) -> None:
+    """Build the broker and worker images, offline: no registry needed but for --base.
+
+    The broker image is FROM scratch with this meshjobs' nats-server; the worker
+    image installs wheels built here into a virtual environment on --base
+    (scripts/build-python-base makes one without a registry).
+    """
+    from meshjobs.infra.images import DEFAULT_BASE, build_images
+
+    tags = build_images(base=base or DEFAULT_BASE, source=source, log=lambda line: click.echo(line, err=True))
+    click.echo(" ".join(tags))
+
+
+@mesh.command("provision")
+@topology_option
+@guarded
+def mesh_provision(topology_path: Path) -> None:
+    """Create the mesh state (buckets, streams) in the topology's state region; this key must be an operator.
+
+    `mesh up` does it for a local mesh; run it once after `docker-compose up`.
+    """
+    topology = load_topology(topology_path)
+    from meshjobs.cli._common import identity_for_use
+
+    if identity_for_use().public_key not in topology.mesh.operators:
+        raise UsageError(
+            "only an operator may create mesh state: admit this key with "
+            f'meshjobs broker add-peer --topology {topology_path} --role operator "$(meshjobs id)"'
+        )
+    _provision(topology, False)

@@ -39,11 +39,10 @@ def test_mesh_compose_writes_what_is_committed(tmp_path: Path) -> None:
     assert (tmp_path / "docker-compose.yml").read_text() == (REPO / "docker-compose.yml").read_text()
     for conf in (REPO / "brokers").glob("*.conf"):
         assert (tmp_path / "brokers" / conf.name).read_text() == conf.read_text()
-    assert (tmp_path / "brokers" / "Dockerfile").read_text() == (REPO / "brokers" / "Dockerfile").read_text()
-    assert sorted(p.name for p in (tmp_path / "brokers" / "secrets").iterdir())[:2] == [
-        "credentials.toml",
-        "gateways.conf",
-    ]
+    for recipe in ("Dockerfile", "worker.Dockerfile"):
+        assert (tmp_path / "brokers" / recipe).read_text() == (REPO / "brokers" / recipe).read_text()
+    # Secrets come from `meshjobs mesh secrets` only (tests/integration/test_compose.py).
+    assert not (tmp_path / "brokers" / "secrets").exists()
 
 
 def test_rendered_configs_are_valid(tmp_path: Path) -> None:
