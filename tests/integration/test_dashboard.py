@@ -31,6 +31,7 @@ from meshjobs.durable import Durable
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.infra.broker import NatsServer
 from meshjobs.submit import SubmitOptions, Submitter
+from meshjobs.trust.policy import TrustPolicy
 from meshjobs.trust.quarantine import QuarantineBoard
 from tests.conftest import REPO, WorkerProcess, cli_env, meshjobs, wait_for_instances
 
@@ -225,7 +226,7 @@ def open_page(page: Any, dashboard: Dashboard) -> None:
 async def submit_traced(url: str, identity: Identity, operators: frozenset[str]) -> str:
     """A job whose outcome is filed as signed evidence (a submitter with reputation, as `meshjobs submit`)."""
     async with await Client.connect(url, identity) as client:
-        async with await Submitter.open(client, operators) as submitter:
+        async with await Submitter.open(client, TrustPolicy(operators=operators)) as submitter:
             # demo.sleep is not deterministic: one run, one piece of evidence (no verification runs).
             done = await submitter.submit("demo.sleep", {"seconds": 0.05}, SubmitOptions(timeout=15))
     return done.outcome.job_id
