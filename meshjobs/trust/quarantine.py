@@ -179,10 +179,12 @@ class QuarantineBoard:
         if len(self._warned) >= MAX_WARNED:
             if ("", "") not in self._warned:
                 self._warned.add(("", ""))
-                log.warning("too many bad quarantine orders; no longer logging them")
+                log.info("too many skipped quarantine orders; no longer logging them")
             return
         self._warned.add((key, problem))
-        log.warning(
+        # INFO, not WARNING: in a shared mesh, orders by other communities'
+        # operators (and their erasure markers) are normal history to skip.
+        log.info(
             "quarantine order for %r: %s", key[:16], "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
         )
 

@@ -103,7 +103,12 @@ def test_a_normal_shutdown_logs_no_reconnect_warning(
     asyncio.run(wait_for_instances(broker.url, identity, 1, "demo.add"))
     assert worker.terminate() == 0
     out = worker.output()
-    assert "worker stopped" in out and "disconnected" not in out and "WARNING" not in out, out
+    # The session broker is shared: other tests' trust services and operators
+    # leave state this worker rightly skips (and may log). What must not
+    # appear is anything about the connection or the shutdown itself.
+    shutdown = [line for line in out.splitlines() if "WARNING" in line and "meshjobs.trust" not in line]
+    assert "worker stopped" in out and "disconnected" not in out and "reconnect" not in out, out
+    assert not shutdown, out
 
 
 def test_a_failing_durable_wait_shows_each_attempt(broker: NatsServer, home: Path, tmp_path: Path) -> None:

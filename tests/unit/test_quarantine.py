@@ -112,7 +112,7 @@ def test_problems_are_logged_once_per_peer(caplog: pytest.LogCaptureFixture) -> 
     b = board()
     b.apply(PEER, frame("quarantine", 3))
     other_peer = Identity.generate().public_key
-    with caplog.at_level(logging.WARNING, logger="meshjobs.trust.quarantine"):
+    with caplog.at_level(logging.INFO, logger="meshjobs.trust.quarantine"):
         for _ in range(50):
             b.apply(PEER, b"", "DEL")
             b.apply(PEER, frame("release", 1))
@@ -126,7 +126,7 @@ def test_problems_are_logged_once_per_peer(caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_log_lines_show_hostile_keys_escaped(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="meshjobs.trust.quarantine"):
+    with caplog.at_level(logging.INFO, logger="meshjobs.trust.quarantine"):
         board().apply("\x1b[2Jevil\u202e", b"junk")
     assert caplog.records and "\x1b" not in caplog.text and "\u202e" not in caplog.text
 
