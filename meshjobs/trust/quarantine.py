@@ -201,7 +201,7 @@ class QuarantineBoard:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=5.0)  # bounded: a stuck watcher must not hold a shutdown
 
 
 async def _watch(nc: NATS, keys: str) -> Any:

@@ -52,6 +52,7 @@ from meshjobs.trust.quarantine import QuarantineBoard
 from meshjobs.trust.record import Ledger, Record, ServiceState, state_key
 from meshjobs.trust.reputation import BUCKET, STATE, STREAM, SUBJECT
 
+CLEANUP_S = 5.0  # the longest a subscription or watcher may take to stop at shutdown
 log = logging.getLogger("meshjobs.trust.service")
 FETCH = 256
 WRITERS = 32
@@ -184,7 +185,8 @@ class TrustService:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Bounded: a task stuck in its own cleanup must not hold a shutdown.
+            await asyncio.wait(tasks, timeout=CLEANUP_S)
 
     async def close(self) -> None:
         await self.board.close()
@@ -233,8 +235,8 @@ class TrustService:
             finally:
                 if sub is not None:
                     try:
-                        await sub.unsubscribe()
-                    except nats.errors.Error:
+                        await asyncio.wait_for(sub.unsubscribe(), CLEANUP_S)
+                    except (nats.errors.Error, TimeoutError):
                         pass  # the connection is closing
 
     def _process(self, msg: Msg) -> None:
@@ -379,8 +381,8 @@ class TrustService:
             finally:
                 if watcher is not None:
                     try:
-                        await watcher.stop()
-                    except nats.errors.Error:
+                        await asyncio.wait_for(watcher.stop(), CLEANUP_S)
+                    except (nats.errors.Error, TimeoutError):
                         pass  # the connection is closing
             await asyncio.sleep(0.5)
 

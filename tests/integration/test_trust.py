@@ -67,10 +67,11 @@ async def cast(tmp_path: Path, broker: NatsServer) -> AsyncIterator[Cast]:
         await asyncio.wait_for(service.ready.wait(), 10)
         yield Cast(submitter, operator, homes, keys, broker.url, peers)
     finally:
+        # Bounded: a service stopped in the middle of a write must not hold the suite.
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await service.close()
-        await nc.close()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        await asyncio.wait_for(service.close(), 10)
+        await asyncio.wait_for(nc.close(), 10)
 
 
 async def settled(book: ReputationBook, peer: str, until: Callable[[Record], bool], timeout: float = 5) -> Record:
@@ -138,6 +139,7 @@ async def test_redundancy_outvotes_and_quarantines_a_cheater(cast: Cast, workers
         await client.close()
 
 
+@pytest.mark.timeout(240)  # a hung job and 20 jobs on a loaded machine: a deadline for correctness only
 async def test_min_trust_avoids_a_flaky_peer_and_fallback_completes_everything(
     cast: Cast, workers: Callable[..., WorkerProcess]
 ) -> None:
