@@ -56,7 +56,7 @@ def _check_version(path: Path) -> None:
         raise BrokerError(f"{path} is {out.strip() or 'unknown'}; meshjobs needs nats-server {need} or newer")
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
     # Linux: the server gets SIGTERM if the process that started it dies, so a
     # crashed test run or a killed `meshjobs up` never leaves a broker behind.
     try:
@@ -116,7 +116,7 @@ class NatsServer:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" and not self.detach else None,
+                preexec_fn=die_with_parent if sys.platform == "linux" and not self.detach else None,
             )
         self.pid_path.write_text(f"{self.process.pid}\n")
         self._wait_ready(offset, timeout)

@@ -18,20 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshjobs.errors import BrokerError
+from meshjobs.infra.broker import die_with_parent
 
 #: What ``meshjobs trust serve`` prints once it is reading evidence.
 TRUST_READY = "meshjobs trust service ready"
 TRUST_SERVICE = "trust-service"
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    # Linux: the child gets SIGTERM if the process that started it dies.
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass
@@ -71,7 +62,7 @@ class ServiceProcess:
                 stderr=log,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" and not self.detach else None,
+                preexec_fn=die_with_parent if sys.platform == "linux" and not self.detach else None,
             )
         if self.detach:
             self.pid_path.write_text(f"{self.process.pid}\n")
