@@ -10,7 +10,16 @@ from typing import Any
 
 import click
 
-from meshjobs.cli._common import guarded, home, identity_for_use, run, server_option, servers
+from meshjobs.cli._common import (
+    guarded,
+    home,
+    identity_for_use,
+    metrics_options,
+    run,
+    server_option,
+    servers,
+    start_metrics,
+)
 from meshjobs.infra.services import TRUST_READY
 from meshjobs.trust.policy import TRUST_FILE, load_trust
 
@@ -27,12 +36,14 @@ def trust() -> None:
 @click.option("--trust", "trust_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Trust file: operators, [[pretrusted]] keys [default: MESHJOBS_HOME/trust.toml].")  # fmt: skip
 @server_option
+@metrics_options
 @guarded
-def trust_serve(trust_file: Path | None, server: str) -> None:
+def trust_serve(trust_file: Path | None, server: str, metrics_port: int | None, metrics_host: str) -> None:
     """Fold verified evidence into signed reputation records, as this identity, until stopped.
 
     Run exactly one per mesh. Readers accept its records when they list its key
     as [[trust_service]] in their trust file (or when it is their own key).
+    With --metrics-port it exports each peer's score and quarantine state.
     """
     import logging
 
@@ -42,6 +53,8 @@ def trust_serve(trust_file: Path | None, server: str) -> None:
     logging.getLogger("meshjobs").setLevel(min(logging.getLogger().level, logging.INFO))
     identity = identity_for_use()
     policy = load_trust(trust_file or home() / TRUST_FILE, required=trust_file is not None)
+    # Before the service loads its records: it exports them as it reads them.
+    metrics_server = start_metrics(metrics_port, metrics_host)
 
     def ready(service: TrustService) -> None:
         anchors = len(service.anchors) - 1
@@ -66,6 +79,8 @@ def trust_serve(trust_file: Path | None, server: str) -> None:
                 pending.cancel()
             await asyncio.gather(task, stopping, return_exceptions=True)
             await nc.close()
+            if metrics_server is not None:
+                metrics_server.close()
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
         click.echo("meshjobs trust service stopped")

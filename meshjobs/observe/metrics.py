@@ -7,8 +7,8 @@ which also starts the HTTP endpoint): that creates the process's
 :class:`MeshMetrics` in its own ``CollectorRegistry`` — never at import time,
 and never in prometheus-client's global registry — and from then on workers
 built without an explicit observer report to it, and :func:`count_verification`,
-:func:`set_peer_trust` and :func:`set_awaited` record into it. Before
-:func:`enable` those functions do nothing.
+:func:`set_peer_trust`, :func:`count_evidence` and :func:`set_awaited` record
+into it. Before :func:`enable` those functions do nothing.
 
 prometheus-client is the optional ``observe`` extra: it is imported only when
 metrics are enabled, and its absence is a clear :class:`UsageError`.
@@ -27,6 +27,7 @@ name                                                   type       labels
 ``meshjobs_verification_executions_total``             counter    capability, outcome
 ``meshjobs_peer_trust_score``                          gauge      peer
 ``meshjobs_peer_quarantined``                          gauge      peer (1 quarantined, 0 not)
+``meshjobs_evidence_total``                            counter    outcome (folded|duplicate|invalid)
 ``meshjobs_awaited_jobs``                              gauge      state (pending|done)
 =====================================================  =========  ===========================================
 """
@@ -143,6 +144,12 @@ class MeshMetrics:
         self.quarantined = prom.Gauge(
             "meshjobs_peer_quarantined", "1 while the peer is quarantined, else 0.", ["peer"], registry=r
         )
+        self.evidence = prom.Counter(
+            "meshjobs_evidence",
+            "Evidence the trust service processed since it started, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
         self.awaited = prom.Gauge(
             "meshjobs_awaited_jobs", "Durable jobs this submitter waits for, by state.", ["state"], registry=r
         )
@@ -218,6 +225,12 @@ def set_peer_trust(peer: str, score: float, quarantined: bool) -> None:
     if _active is not None:
         _active.trust_score.labels(peer).set(score)
         _active.quarantined.labels(peer).set(1 if quarantined else 0)
+
+
+def count_evidence(outcome: str) -> None:
+    """Count one piece of evidence the trust service processed: ``folded``, ``duplicate`` or ``invalid``."""
+    if _active is not None:
+        _active.evidence.labels(outcome).inc()
 
 
 def forget_peer(peer: str) -> None:

@@ -27,6 +27,12 @@ signed by one of its operators or itself) newer than the quarantine lifts it.
 **Only writer.** It watches the bucket: a revision of one of its peers that it
 did not write (a forgery on an open broker, a delete) is overwritten with its
 own signed record at once; readers ignore such revisions anyway.
+
+**Metrics.** Where the process enabled them (``trust serve --metrics-port``),
+it exports each peer's score and quarantine state (its automatic quarantine or
+an operator's order it honours, as routers combine them) when it loads its
+records, whenever it writes one and whenever an order changes, and counts the
+evidence it processes by outcome (see :mod:`meshjobs.observe.metrics`).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from meshjobs.envelope import EVIDENCE_MAGIC, TRUST_MAGIC, now_ms, open_statement, seal_statement
 from meshjobs.errors import KeyExists, MeshError, Rejected
 from meshjobs.identity import Identity, is_public_key
+from meshjobs.observe import metrics
 from meshjobs.state import DOMAIN, MeshKV, open_bucket, provision
 from meshjobs.trust.evidence import SKEW_MS, WINDOW_MS, Evidence, Standing, Verdict, assess
 from meshjobs.trust.policy import TrustPolicy
@@ -59,17 +66,20 @@ WRITERS = 32
 
 
 class _Releases(QuarantineBoard):
-    """A quarantine board that also notes which peers got a new release order."""
+    """A quarantine board that also notes which peers got a new order (``touched``), and a release."""
 
     def __init__(self, operators: frozenset[str], kv: MeshKV | None = None) -> None:
         super().__init__(operators, kv)
         self.released: set[str] = set()
+        self.touched: set[str] = set()
         self.changed = asyncio.Event()
 
     def apply(self, key: str, value: bytes, operation: str | None = None) -> bool:
         became = super().apply(key, value, operation)
-        if became and self.orders[key].action == "release":
-            self.released.add(key)
+        if became:
+            self.touched.add(key)
+            if self.orders[key].action == "release":
+                self.released.add(key)
             self.changed.set()
         return became
 
@@ -126,6 +136,11 @@ class TrustService:
         record = self.records.get(key)
         return record.credibility(self._clock) if record is not None else 0.0
 
+    def _export(self, peer: str) -> None:
+        """Publish the peer's score and whether it is quarantined (automatically or by an order) as metrics."""
+        record = self.records.get(peer) or Record(peer=peer)
+        metrics.set_peer_trust(peer, record.score(), record.quarantined or self.board.is_quarantined(peer))
+
     # -- loading ---------------------------------------------------------------------
 
     async def _load(self) -> None:
@@ -146,6 +161,10 @@ class TrustService:
         self._mark_anchors()
         self._replay_until = self.state.last_seq
         self._saved = self.state.last_seq
+        # What it holds now, orders included; later orders are exported as they change.
+        self.board.touched.clear()
+        for key in self.records.keys() | {p for p in self.board.orders if self.board.is_quarantined(p)}:
+            self._export(key)
         log.info("loaded %d records; resuming after evidence #%d", len(self.records), self.state.last_seq)
 
     def _mark_anchors(self) -> None:
@@ -271,7 +290,9 @@ class TrustService:
         peer = evidence.peer
         record = self.records.get(peer) or Record(peer=peer)
         if self.ledger.seen(evidence):
-            self.stats["duplicate"] += not remember_only
+            if not remember_only:
+                self.stats["duplicate"] += 1
+                metrics.count_evidence("duplicate")
             return
         already = self.ledger.already(evidence)
         self.ledger.add(evidence, verdict)
@@ -284,6 +305,7 @@ class TrustService:
         self.records[peer] = folded
         self._dirty.add(peer)
         self.stats["folded"] += 1
+        metrics.count_evidence("folded")
         if folded.quarantined and not record.quarantined:
             log.warning("quarantined %s: %s", peer, folded.reason)
 
@@ -291,6 +313,7 @@ class TrustService:
         if remember_only:
             return
         self.stats["invalid"] += 1
+        metrics.count_evidence("invalid")
         self.state = self.state.model_copy(update={"invalid": self.state.invalid + 1})
         count = self.stats["invalid"]
         if count <= 10 or count & (count - 1) == 0:  # sampled: the first ten, then at powers of two
@@ -315,6 +338,7 @@ class TrustService:
                 record = self.records[peer].stamped(self.key)
                 self.records[peer] = record
                 await self._write(peer, seal_statement(TRUST_MAGIC, self.identity, record))
+                self._export(peer)
 
         try:
             await asyncio.gather(*(write(peer) for peer in sorted(dirty)))
@@ -344,6 +368,7 @@ class TrustService:
             self.board.changed.clear()
             async with self._lock:
                 released, self.board.released = self.board.released, set()
+                touched, self.board.touched = self.board.touched, set()
                 for peer in released:
                     order, record = self.board.orders.get(peer), self.records.get(peer)
                     if order is None or record is None:
@@ -354,6 +379,8 @@ class TrustService:
                         self._dirty.add(peer)
                         log.warning("released %s from automatic quarantine by order seq %d", peer, order.seq)
                 await self._flush()
+                for peer in touched:  # an order alone (no record written) changes what routers do too
+                    self._export(peer)
 
     async def _guard(self) -> None:
         """Write its record again wherever a revision it did not write becomes the latest."""
