@@ -162,9 +162,14 @@ class Client:
             except (nats.errors.Error, TimeoutError, OSError) as exc:
                 log.debug("could not close the connection cleanly: %s", exc)
 
-    async def peers(self, *, timeout: float = 1.0, capability: str | None = None) -> list[PeerInfo]:
-        """Workers that answer discovery within *timeout*."""
-        return await discover(self.nc, timeout=timeout, capability=capability)
+    async def peers(
+        self, *, timeout: float = 1.0, capability: str | None = None, operators: frozenset[str] = frozenset()
+    ) -> list[PeerInfo]:
+        """Workers that answer discovery within *timeout* with a valid signed manifest.
+
+        Kind, region and community count as attested where one of *operators* signed for them.
+        """
+        return await discover(self.nc, timeout=timeout, capability=capability, operators=operators)
 
     async def submit(
         self,

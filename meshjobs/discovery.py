@@ -2,7 +2,11 @@
 
 Every worker answers as service ``meshjobs`` so standard NATS tooling
 (``nats micro ls``) sees it too. Its metadata carries the peer key, display
-name, kind, region and community; each capability is an endpoint.
+name, kind, region and community; each capability is an endpoint. What
+meshjobs acts on is the ``manifest`` metadata field: the same facts signed by
+the peer's key (:mod:`meshjobs.manifest`), with any attestations operators
+gave it. An answer without a valid manifest for the key and instance that
+answered is not a peer.
 
 We answer the protocol ourselves rather than through ``nats.micro`` because
 micro runs each endpoint's handler serially and times it, while our handlers
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +36,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from meshjobs.errors import MeshError
+from meshjobs.manifest import ATTESTABLE, open_manifest
 from meshjobs.observe.metrics import JobObserver
 from meshjobs.subjects import PEER_QUEUE
 
@@ -39,6 +46,7 @@ INFO_TYPE = "io.nats.micro.v1.info_response"
 PING_TYPE = "io.nats.micro.v1.ping_response"
 STATS_TYPE = "io.nats.micro.v1.stats_response"
 MAX_REPLY_BYTES = 1024 * 1024
+log = logging.getLogger("meshjobs.discovery")
 
 
 DURABLE_SUFFIX = "-durable"
@@ -119,6 +127,8 @@ class ServiceResponder:
         each queue endpoint then gets a ``-durable`` twin in INFO and STATS (jobs are pulled, not
         delivered on that subject, so it is never in :attr:`endpoints`)."""
         self._durable_stats: dict[str, EndpointStats] = {}
+        self.manifest: Callable[[], str] | None = None
+        """Signs a fresh manifest for each INFO answer (free slots change), when set."""
         self.started = datetime.now(UTC)
         self._subs: list[Subscription] = []
 
@@ -146,8 +156,11 @@ class ServiceResponder:
         }
 
     def info(self) -> dict[str, Any]:
+        identity = self._identity(INFO_TYPE)
+        if self.manifest is not None:
+            identity["metadata"] = {**self.metadata, "manifest": self.manifest()}
         return {
-            **self._identity(INFO_TYPE),
+            **identity,
             "description": self.description,
             "endpoints": [
                 {"name": e.name, "subject": e.subject, "queue_group": e.queue_group, "metadata": e.metadata}
@@ -251,7 +264,7 @@ async def collect(nc: NATS, subject: str, *, timeout: float = 1.0, stall: float 
 
 @dataclass(frozen=True)
 class PeerInfo:
-    """One worker process as discovery sees it."""
+    """One worker process as its signed manifest describes it."""
 
     peer: str
     name: str
@@ -264,9 +277,19 @@ class PeerInfo:
     deterministic: tuple[str, ...] = ()
     tags: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """(capability, its tags) pairs: the specialties the worker claims for each."""
+    attested: tuple[str, ...] = ()
+    """Which of kind, region and community an operator of the reader's policy vouches for
+    (those fields then hold the operator's values); the rest are the peer's own claim."""
+    attesters: tuple[str, ...] = ()
+    price: float = 0.0
+    slots: int = 0
+    """Jobs it could start when it answered discovery."""
 
     def tags_of(self, capability: str) -> tuple[str, ...]:
         return dict(self.tags).get(capability, ())
+
+    def is_attested(self, field: str) -> bool:
+        return field in self.attested
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -275,50 +298,78 @@ class PeerInfo:
             "kind": self.kind,
             "region": self.region,
             "community": self.community,
+            "attested": list(self.attested),
+            "attesters": list(self.attesters),
             "instance": self.instance,
             "version": self.version,
             "capabilities": list(self.capabilities),
             "deterministic": list(self.deterministic),
             "tags": {cap: list(tags) for cap, tags in self.tags},
+            "price": self.price,
+            "slots": self.slots,
         }
 
 
-def _as_peer(info: dict[str, Any]) -> PeerInfo | None:
+_refused: set[str] = set()
+
+
+def _as_peer(info: dict[str, Any], operators: frozenset[str]) -> PeerInfo | None:
+    """The peer behind one INFO answer, if it carries a valid manifest for the key and instance that answered."""
     if info.get("type") != INFO_TYPE or info.get("name") != SERVICE_NAME:
         return None
     meta = info.get("metadata") or {}
-    endpoints = info.get("endpoints") or []
-    if not isinstance(meta, dict) or not isinstance(endpoints, list):
+    frame = meta.get("manifest") if isinstance(meta, dict) else None
+    instance = str(info.get("id", ""))
+    if not isinstance(frame, str):
         return None
-    metas = [
-        e["metadata"]
-        for e in endpoints
-        if isinstance(e, dict) and isinstance(e.get("metadata"), dict) and "capability" in e["metadata"]
-    ]
-    caps = sorted({str(m["capability"]) for m in metas})
-    deterministic = sorted({str(m["capability"]) for m in metas if m.get("deterministic") == "true"})
-    tags = {str(m["capability"]): tuple(t for t in str(m.get("tags", "")).split(",") if t) for m in metas}
+    try:
+        checked = open_manifest(frame, operators)
+    except MeshError as exc:
+        _log_refusal(instance, f"its manifest is refused: {exc}")
+        return None
+    m = checked.manifest
+    if m.instance != instance or meta.get("peer") != m.peer:
+        _log_refusal(instance, "its manifest names another key or instance than the answer")
+        return None
     return PeerInfo(
-        peer=str(meta.get("peer", "")),
-        name=str(meta.get("name", "")),
-        kind=str(meta.get("kind", "")),
-        region=str(meta.get("region", "")),
-        community=str(meta.get("community", "")),
-        instance=str(info.get("id", "")),
+        peer=m.peer,
+        name=m.name,
+        kind=checked.attested.get("kind", m.kind),
+        region=checked.attested.get("region", m.region),
+        community=checked.attested.get("community", m.community),
+        instance=instance,
         version=str(info.get("version", "")),
-        capabilities=tuple(caps),
-        deterministic=tuple(deterministic),
-        tags=tuple(sorted(tags.items())),
+        capabilities=tuple(sorted({o.name for o in m.capabilities})),
+        deterministic=tuple(sorted({o.name for o in m.capabilities if o.deterministic})),
+        tags=tuple(sorted((o.name, tuple(o.tags)) for o in m.capabilities)),
+        attested=tuple(f for f in ATTESTABLE if f in checked.attested),
+        attesters=checked.attesters,
+        price=m.price,
+        slots=m.slots,
     )
 
 
-async def discover(nc: NATS, *, timeout: float = 1.0, capability: str | None = None) -> list[PeerInfo]:
-    """Every meshjobs worker that answers ``$SRV.INFO.meshjobs`` within *timeout*.
+def _log_refusal(instance: str, why: str) -> None:
+    """Say once per instance why a discovery answer was not taken as a peer."""
+    if instance in _refused or len(_refused) >= 10_000:
+        return
+    _refused.add(instance)
+    level = logging.WARNING if len(_refused) <= 20 else logging.DEBUG  # a flood of fakes stays quiet
+    log.log(level, "discovery: ignored the answer of instance %r: %s", instance[:32], why)
 
-    Discovery metadata is self-reported and unsigned: it is for display and
-    routing hints, never for identity (results are verified by signature).
+
+async def discover(
+    nc: NATS, *, timeout: float = 1.0, capability: str | None = None, operators: frozenset[str] = frozenset()
+) -> list[PeerInfo]:
+    """Every meshjobs worker that answers ``$SRV.INFO.meshjobs`` within *timeout* with a valid manifest.
+
+    The manifest is signed by the peer's key, so no peer can advertise
+    another's key or capabilities; kind, region and community count as
+    attested only where an operator in *operators* signed for them (see
+    :mod:`meshjobs.manifest`). Results are still verified by signature.
     """
-    peers = [p for p in map(_as_peer, await collect(nc, f"$SRV.INFO.{SERVICE_NAME}", timeout=timeout)) if p]
+    replies = await collect(nc, f"$SRV.INFO.{SERVICE_NAME}", timeout=timeout)
+    peers = [p for p in (_as_peer(r, operators) for r in replies) if p]
     if capability is not None:
         peers = [p for p in peers if capability in p.capabilities]
     return sorted(peers, key=lambda p: (p.region, p.community, p.name, p.peer, p.instance))

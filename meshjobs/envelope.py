@@ -5,9 +5,10 @@ A frame is ASCII header, newline, UTF-8 JSON body::
     MJ1E <signer key, 56 chars> <Ed25519 signature, base64url, 86 chars>\\n{json body}
 
 ``MJ1E`` marks an envelope, ``MJ1R`` a result (and ``MJ1V`` evidence, ``MJ1Q``
-a quarantine order, ``MJ1T`` a trust service's record, ``MJ1D`` an AI draft). The signature covers a fixed
-domain-separation prefix followed by the exact body bytes that travel, so it
-is checked before the body is parsed at all; only then is the body decoded,
+a quarantine order, ``MJ1T`` a trust service's record, ``MJ1D`` an AI draft,
+``MJ1A`` an approval, ``MJ1M`` a discovery manifest, ``MJ1S`` an attestation).
+The signature covers a fixed domain-separation prefix followed by the exact
+body bytes that travel, so it is checked before the body is parsed at all; only then is the body decoded,
 strictly (UTF-8, no duplicate keys, no NaN or Infinity, bounded depth, no
 unknown fields, known version only), and the signer in the header must be the
 key the body names.
@@ -42,6 +43,13 @@ DRAFT_MAGIC = b"MJ1D"  # an AI persona's signed draft, carried inside a hybrid p
 TRUST_MAGIC = b"MJ1T"
 #: An approver's signed decision on a gated job or a held result (meshjobs.workflow.approval).
 APPROVAL_MAGIC = b"MJ1A"
+#: A worker's signed claim of one delivery of a durable job (meshjobs.jobrecords).
+CLAIM_MAGIC = b"MJ1C"
+#: A durable job's state, signed by whoever wrote it: its submitter or a claiming worker.
+STATE_MAGIC = b"MJ1J"
+#: A worker's signed discovery manifest, and an operator's attestation of a peer (meshjobs.manifest).
+MANIFEST_MAGIC = b"MJ1M"
+ATTESTATION_MAGIC = b"MJ1S"
 #: One domain-separation prefix per kind of signed statement: a signature
 #: made for one kind can never be passed off as another.
 DOMAIN = {
@@ -52,6 +60,10 @@ DOMAIN = {
     DRAFT_MAGIC: b"meshjobs/1 draft\x00",
     TRUST_MAGIC: b"meshjobs/1 trust record\x00",
     APPROVAL_MAGIC: b"meshjobs/1 approval\x00",
+    CLAIM_MAGIC: b"meshjobs/1 job claim\x00",
+    STATE_MAGIC: b"meshjobs/1 job state\x00",
+    MANIFEST_MAGIC: b"meshjobs/1 manifest\x00",
+    ATTESTATION_MAGIC: b"meshjobs/1 attestation\x00",
 }
 _KEY_LEN = 56
 _SIG_LEN = 86

@@ -45,7 +45,14 @@ log = logging.getLogger("meshjobs.router")
 
 @dataclass(frozen=True)
 class Constraints:
-    """What a submitter demands of the peer that runs its job."""
+    """What a submitter demands of the peer that runs its job.
+
+    ``region`` and ``kind`` are guarantees, so only an operator's attestation
+    counts for them (see :mod:`meshjobs.manifest`): with ``region="eu"`` the
+    job, its fallbacks and its verification never reach a peer that no
+    operator placed in ``eu``. ``prefer_region`` is a preference: peers attested
+    there are tried first, the others only when none of them answers.
+    """
 
     min_trust: float | None = None
     region: str | None = None
@@ -53,18 +60,35 @@ class Constraints:
     peer: str | None = None
     tags: tuple[str, ...] = ()
     """Every one of these must be among the tags the peer gives the capability."""
+    prefer_region: str | None = None
+    max_price: float | None = None
+    """Only peers whose signed manifest asks at most this per job."""
 
     def admits(self, info: PeerInfo, record: Record) -> str | None:
         """Why *info* does not qualify, or None when it does."""
         if self.peer and info.peer != self.peer:
             return "not the requested peer"
-        if self.region and info.region != self.region:
-            return f"region {info.region or '-'} is not {self.region}"
-        if self.kind and info.kind != self.kind:
-            return f"kind {info.kind} is not {self.kind}"
+        for field_name in ("region", "kind"):
+            wanted = getattr(self, field_name)
+            if not wanted:
+                continue
+            have = getattr(info, field_name) or "-"
+            if have != wanted:
+                return f"{field_name} {have} is not {wanted}"
+            if not info.is_attested(field_name):
+                return f"{field_name} {have} is only claimed; no operator attested it"
+        if self.max_price is not None and info.price > self.max_price:
+            return f"price {info.price:g} is above {self.max_price:g}"
         if self.min_trust is not None and record.score() < self.min_trust:
             return f"score {record.score():.2f} is below {self.min_trust:g}"
         return None
+
+    @property
+    def routed(self) -> bool:
+        """Whether these constraints need a routed submission (a queue group cannot honour them)."""
+        return bool(self.tags) or any(
+            v is not None for v in (self.min_trust, self.region, self.kind, self.prefer_region, self.max_price)
+        )
 
 
 @dataclass
@@ -155,7 +179,7 @@ class Router:
     async def _peers(self) -> list[PeerInfo]:
         at, peers = self._discovered
         if time.monotonic() - at > DISCOVERY_TTL or not peers:
-            peers = await self.client.peers(timeout=0.5)
+            peers = await self.client.peers(timeout=0.5, operators=self.board.operators)
             self._discovered = (time.monotonic(), peers)
         return peers
 
@@ -182,7 +206,11 @@ class Router:
                 continue
             if constraints.admits(info, record) is None:
                 found.append(Candidate(info, record, peer in self.anchors))
-        return self.rank(found)
+        ranked = self.rank(found)
+        if constraints.prefer_region:
+            # Stable: the ranking holds within each part; other regions are the emergency fallback.
+            ranked.sort(key=lambda c: not (c.info.region == constraints.prefer_region and c.info.is_attested("region")))
+        return ranked
 
     def rank(self, found: list[Candidate]) -> list[Candidate]:
         """Best first, spread by score and load: a weighted random order, never a lock-in on one peer.
@@ -195,9 +223,10 @@ class Router:
         of work, and verification checks what it returns.
         """
 
-        def key(c: Candidate) -> float:
+        def key(c: Candidate) -> tuple[bool, float]:
             weight = (RANK_FLOOR + min(max(c.record.score(), 0.0), RANK_CAP)) / (1 + self.inflight[c.peer])
-            return float(self.rng.random() ** (1.0 / weight))
+            # A peer that said it had no free slot goes after those that had one.
+            return c.info.slots > 0 or not c.info.instance, float(self.rng.random() ** (1.0 / weight))
 
         return sorted(found, key=key, reverse=True)
 

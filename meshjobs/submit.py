@@ -89,14 +89,7 @@ class SubmitOptions:
 
     @property
     def routed(self) -> bool:
-        c = self.constraints
-        return (
-            self.replicas > 1
-            or self.trace
-            or bool(c.tags)
-            or bool(self.escalate)
-            or any(v is not None for v in (c.min_trust, c.region, c.kind))
-        )
+        return self.replicas > 1 or self.trace or bool(self.escalate) or self.constraints.routed
 
     @property
     def needed(self) -> int:
@@ -188,9 +181,9 @@ class Submitter:
             left = deadline - loop.time()
             if left <= 0:
                 break
-            c = options.constraints
-            step = replace(options, escalate=(), job_id=job_id, timeout=left,
-                           constraints=Constraints(c.min_trust, c.region, kind, c.peer, c.tags))  # fmt: skip
+            step = replace(
+                options, escalate=(), job_id=job_id, timeout=left, constraints=replace(options.constraints, kind=kind)
+            )
             started = loop.time()
             try:
                 done = await self.submit(capability, args, step)
@@ -212,9 +205,7 @@ class Submitter:
             return Submitted(await self._queue(capability, args, options))
         constraints = options.constraints
         if options.peer is not None:
-            constraints = Constraints(
-                constraints.min_trust, constraints.region, constraints.kind, options.peer, constraints.tags
-            )
+            constraints = replace(constraints, peer=options.peer)
         spec = options.quorum_spec
         if spec is not None:
             done = await router.submit_redundant(

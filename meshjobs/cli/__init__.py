@@ -26,7 +26,7 @@ from meshjobs.cli.persona import persona
 from meshjobs.cli.serve import up, worker
 from meshjobs.cli.sim import sim
 from meshjobs.cli.submit import peers, submit
-from meshjobs.cli.trust import quarantine, release, reputation
+from meshjobs.cli.trust import attest, quarantine, release, reputation
 from meshjobs.cli.trust_serve import trust
 
 
@@ -46,5 +46,6 @@ COMMANDS += (doctor,)
 COMMANDS += (human, hybrid)
 COMMANDS += (trust,)
 COMMANDS += (approvals, approve, reject)
+COMMANDS += (attest,)
 for command in COMMANDS:
     main.add_command(command)

@@ -265,8 +265,12 @@ _WORKER_OPTIONS = (
     click.option("--concurrency", "-c", type=click.IntRange(1, 10000), default=16, show_default=True,
                  help="Jobs run at once."),
     click.option("--name", help="Display name in discovery [default: the app's name]."),
-    click.option("--region", default="", help="Region label shown in discovery."),
-    click.option("--community", default="", help="Community label shown in discovery."),
+    click.option("--region", default="", help="Region this worker claims (an operator's attestation makes it count)."),
+    click.option("--community", default="", help="Community this worker claims (attested likewise)."),
+    click.option("--attestation", "attestations", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+                 help="An operator's signed attestation of this worker (from `meshjobs attest`; repeatable)."),
+    click.option("--price", type=Bounded(0.0, 1e9), default=0.0, show_default=True,
+                 help="What this worker asks per job, in its signed manifest (submit --max-price filters)."),
     click.option("--trust", "trust_file", type=click.Path(dir_okay=False, path_type=Path),
                  help="Trust file [default: MESHJOBS_HOME/trust.toml]."),
     click.option("--drain-timeout", type=Seconds(max=DAY_S), default=30.0, show_default=True,
@@ -312,6 +316,20 @@ def worker_options(func: F) -> F:
     return func
 
 
+def read_attestation(path: Path) -> bytes:
+    """An attestation file (public, small; any reader may see it) as its bytes, stripped."""
+    from meshjobs._files import read_local_file
+    from meshjobs.manifest import MAX_ATTESTATION_BYTES
+
+    try:
+        data = read_local_file(
+            path, what="attestation file", max_bytes=MAX_ATTESTATION_BYTES, care="plain", error=UsageError
+        )
+    except FileNotFoundError:
+        raise UsageError(f"attestation file {path} does not exist") from None
+    return data.strip()
+
+
 def worker_setup(opts: dict[str, Any]) -> tuple[Identity, TrustPolicy, WorkerConfig, list[str]]:
     """The identity, trust policy, worker config and server URLs the worker options ask for."""
     logging.getLogger("meshjobs").setLevel(min(logging.getLogger().level, logging.INFO))
@@ -326,6 +344,8 @@ def worker_setup(opts: dict[str, Any]) -> tuple[Identity, TrustPolicy, WorkerCon
         drain_timeout_s=opts["drain_timeout"],
         max_attempts=opts["max_attempts"],
         retry_delay_s=opts["retry_delay"],
+        price=opts["price"],
+        attestations=tuple(read_attestation(p) for p in opts["attestations"]),
     )
     identity = identity_for_use()
     # Before the worker exists: a worker built without an observer reports to the process's metrics.

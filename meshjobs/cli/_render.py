@@ -87,15 +87,23 @@ def peers_table(peers: Iterable[PeerInfo | dict[str, Any]], console: Console | N
         return
     scored = any("score" in r for r in rows)
     # region/community share a column, score and quarantine another: 80 columns hold the table.
-    columns: list[tuple[str, int | None]] = [("peer", 13), ("name", 11), ("kind", 6), ("where", 11)]
+    # ✓ marks what an operator attested; the rest is the peer's own claim.
+    columns: list[tuple[str, int | None]] = [("peer", 13), ("name", 10), ("kind", 7), ("where", 11)]
     columns += [("trust", 11)] if scored else []
     cells = []
     for r in rows:
-        where = "/".join(safe_text(r[c]) for c in ("region", "community") if r[c]) or "-"
-        row = [safe_text(short_key(r["peer"])), safe_text(r["name"] or "-"), safe_text(r["kind"] or "-"), where]
+        attested = set(r.get("attested", ()))
+
+        def mark(field: str, r: dict[str, Any] = r, attested: set[str] = attested) -> str:
+            return safe_text(r[field]) + ("✓" if field in attested else "")
+
+        where = "/".join(mark(c) for c in ("region", "community") if r[c]) or "-"
+        row = [safe_text(short_key(r["peer"])), safe_text(r["name"] or "-"), mark("kind") if r["kind"] else "-", where]
         row += [_trust_cell(r)] if scored else []
         cells.append([*row, ", ".join(safe_text(c) for c in r["capabilities"])])
-    title = f"{len(rows)} worker process(es)"
+    title = f"{len(rows)} worker process(es)" + (
+        "; ✓ attested by an operator" if any(r.get("attested") for r in rows) else ""
+    )
     console.print(narrow_table(title, [*columns, ("capabilities", None)], cells, console.width))
 
 

@@ -384,3 +384,37 @@ def mesh_provision(topology_path: Path) -> None:
             f'meshjobs broker add-peer --topology {topology_path} --role operator "$(meshjobs id)"'
         )
     _provision(topology, False)
+
+
+@mesh.command("attest")
+@topology_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for the attestations, one <KEY>.attestation per community peer.")  # fmt: skip
+@click.option("--valid-for", type=Seconds(max=10 * 365 * DAY_S, positive=True), default=365 * DAY_S,
+              show_default=True, help="Seconds until the attestations expire.")  # fmt: skip
+@guarded
+def mesh_attest(topology_path: Path, out: Path, valid_for: float) -> None:
+    """As an operator, attest every community peer's region and community, as the topology admits them.
+
+    Each worker then runs with `--attestation OUT/<its key>.attestation`; submitters
+    that list you under [[operator]] route `--region` to it. Re-run to renew.
+    """
+    from meshjobs.cli._common import identity_for_use
+    from meshjobs.manifest import attest
+
+    topology = load_topology(topology_path)
+    identity = identity_for_use()
+    if identity.public_key not in topology.mesh.operators:
+        click.echo(f"meshjobs: warning: {identity.public_key[:12]}… is not among the topology's operators; "
+                   "submitters must list it under [[operator]] for these to count", err=True)  # fmt: skip
+    admitted = [(key, c) for c in topology.community for key in dict.fromkeys([*c.peers, *c.workers])]
+    if not admitted:
+        raise UsageError("the topology admits no peers on any community: nothing to attest")
+    out.mkdir(parents=True, exist_ok=True)
+    for key, community in admitted:
+        frame = attest(identity, key, region=community.region, community=community.name, valid_for_s=valid_for)
+        target = out / f"{key}.attestation"
+        partial = target.with_suffix(".partial")
+        partial.write_bytes(frame + b"\n")
+        partial.replace(target)  # whole or not at all
+        click.echo(f"{key}: region {community.region}, community {community.name} -> {target}")

@@ -11,9 +11,11 @@ import click
 from meshjobs.cli._common import (
     DAY_S,
     WEEK_S,
+    Bounded,
     Fraction,
     Seconds,
     guarded,
+    home,
     identity_for_use,
     local_policy,
     open_router,
@@ -25,7 +27,7 @@ from meshjobs.cli._common import (
 )
 from meshjobs.cli._render import safe_text
 from meshjobs.client import Client
-from meshjobs.durable import Durable
+from meshjobs.durable import JOURNAL_FILE, Durable, Journal
 from meshjobs.errors import MeshError, UsageError
 from meshjobs.identity import is_public_key
 from meshjobs.runtime.app import PEER_KINDS
@@ -40,8 +42,10 @@ log = logging.getLogger("meshjobs.cli")
               help="Seconds to wait for the result, retries and fallbacks included.")  # fmt: skip
 @click.option("--peer", help="Only this peer (its public key).")
 @click.option("--min-trust", type=Fraction(), help="Only peers whose reputation score is at least this.")
-@click.option("--region", help="Only peers in this region.")
-@click.option("--kind", type=click.Choice(PEER_KINDS), help="Only peers of this kind.")
+@click.option("--region", help="Only peers an operator attested in this region: fallback and checks included.")
+@click.option("--prefer-region", help="Peers attested in this region first; others only when none there answers.")
+@click.option("--kind", type=click.Choice(PEER_KINDS), help="Only peers an operator attested as this kind.")
+@click.option("--max-price", type=Bounded(0.0, 1e9), help="Only peers whose signed manifest asks at most this per job.")
 @click.option("--replicas", type=click.IntRange(1, 15), default=1, show_default=True,
               help="Run on this many distinct peers, compare results (deterministic capabilities).")  # fmt: skip
 @click.option(
@@ -79,7 +83,9 @@ def submit(ctx: click.Context, /, capability: str, json_args: str | None, **opts
     and load, never a quarantined one) and its result is checked adaptively
     on an independent peer (--verify auto). Other capabilities go to the
     capability's queue group unless routing options (--min-trust, --region,
-    --kind, --replicas, --trace) are given. Every outcome becomes signed
+    --prefer-region, --kind, --max-price, --tag, --replicas, --trace) are
+    given. --region and --kind count only what an operator attested (see
+    `meshjobs attest`): with --region eu no peer outside eu ever sees the job. Every outcome becomes signed
     evidence for the reputation of the peer.
 
     \b
@@ -101,7 +107,14 @@ def submit(ctx: click.Context, /, capability: str, json_args: str | None, **opts
         peer=opts["peer"],
         job_id=opts["job_id"],
         peer_wait=opts["peer_wait"],
-        constraints=Constraints(opts["min_trust"], opts["region"], opts["kind"], tags=tuple(opts["tags"])),
+        constraints=Constraints(
+            opts["min_trust"],
+            opts["region"],
+            opts["kind"],
+            tags=tuple(opts["tags"]),
+            prefer_region=opts["prefer_region"],
+            max_price=opts["max_price"],
+        ),
         replicas=opts["replicas"],
         quorum=opts["quorum"],
         trace=opts["trace"],
@@ -118,12 +131,13 @@ def submit(ctx: click.Context, /, capability: str, json_args: str | None, **opts
     async def go() -> None:
         async with await Client.connect(urls, identity) as client:
             if opts["durable"]:
-                submitter = Submitter(client, None)
-                job_id = await submitter.enqueue(capability, args, job_id=opts["job_id"])
+                # This home's journal: `jobs result/wait/list` check against the frame signed here.
+                durable = await Durable.open(client.nc, journal=Journal(home() / JOURNAL_FILE))
+                job_id = await durable.submit(identity, capability, args, job_id=opts["job_id"])
                 if opts["wait_s"] is None:
                     click.echo(job_id)
                     return
-                found = await wait_showing_attempts(await Durable.open(client.nc), job_id, opts["wait_s"])
+                found = await wait_showing_attempts(durable, job_id, opts["wait_s"])
                 print_value(found, opts["as_json"], job_id)
                 return
             async with Submitter(client, await open_router(client)) as submitter:
@@ -161,7 +175,7 @@ def peers(timeout: float, capability: str | None, tags: tuple[str, ...], as_json
 
     async def go() -> None:
         async with await Client.connect(urls, identity) as client:
-            found = await client.peers(timeout=timeout, capability=capability)
+            found = await client.peers(timeout=timeout, capability=capability, operators=local_policy().operators)
             if tags:
                 wanted = set(tags)
                 found = [p for p in found if any(wanted <= set(p.tags_of(cap)) for cap in p.capabilities)]

@@ -1,15 +1,27 @@
-"""Judging peers: ``reputation``, ``quarantine``, ``release``."""
+"""Judging peers: ``reputation``, ``quarantine``, ``release``, ``attest``."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
 
-from meshjobs.cli._common import guarded, home, identity_for_use, local_policy, run, server_option, servers
+from meshjobs.cli._common import (
+    DAY_S,
+    Seconds,
+    guarded,
+    home,
+    identity_for_use,
+    local_policy,
+    run,
+    server_option,
+    servers,
+)
 from meshjobs.client import Client
 from meshjobs.errors import UsageError
+from meshjobs.runtime.app import PEER_KINDS
 from meshjobs.trust.policy import TRUST_FILE, TrustPolicy
 from meshjobs.trust.reputation import summary
 
@@ -153,3 +165,42 @@ def quarantine(peer: str, reason: str, server: str) -> None:
 def release(peer: str, reason: str, server: str) -> None:
     """End a peer's quarantine: an operator's order, or the trust service's automatic one (the service honours it)."""
     _order(peer, "release", reason, server)
+
+
+@click.command()
+@click.argument("peer")
+@click.option("--kind", type=click.Choice(PEER_KINDS), help="What the peer is: system, ai, human or hybrid.")
+@click.option("--region", help="The region the peer runs in (submit --region then counts it as there).")
+@click.option("--community", help="The community the peer belongs to.")
+@click.option("--valid-for", type=Seconds(max=10 * 365 * DAY_S, positive=True), default=365 * DAY_S,
+              show_default=True, help="Seconds until the attestation expires.")  # fmt: skip
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write it to this new file [default: print]."
+)
+@guarded
+def attest(
+    peer: str, kind: str | None, region: str | None, community: str | None, valid_for: float, out: Path | None
+) -> None:
+    """Sign, as an operator, what PEER is: its kind, region and/or community.
+
+    The worker carries it in its signed discovery manifest (`meshjobs worker
+    --attestation FILE`). Submitters whose trust file lists your key under
+    [[operator]] then route `--kind` and `--region` to it; to everyone else it
+    stays a claim. The attestation holds public facts only.
+    """
+    from meshjobs.manifest import attest as sign_attestation
+
+    frame = sign_attestation(
+        identity_for_use(), peer, kind=kind, region=region, community=community, valid_for_s=valid_for
+    )
+    if out is None:
+        click.echo(frame.decode())
+        return
+    try:
+        with open(out, "xb") as f:  # a new file: never overwrite another peer's attestation by mistake
+            f.write(frame + b"\n")
+    except FileExistsError:
+        raise UsageError(f"{out} exists; choose another file or remove it first") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror}") from None
+    click.echo(f"attestation for {peer[:12]}… written to {out}", err=True)

@@ -5,10 +5,12 @@ Durations carry their unit in the name (``_s``: seconds).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from meshjobs.envelope import MAX_FRAME_BYTES
 from meshjobs.errors import UsageError
+from meshjobs.manifest import check_label
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,23 @@ class WorkerConfig:
     """Envelopes per second one submitter key may send this worker (burst: twice that)."""
     refusal_rate: float = 100.0
     """Signed rejections per second this worker sends at most; further junk is dropped unanswered."""
+    price: float = 0.0
+    """What this worker asks per job, shown in its signed manifest (submitters filter with ``max_price``)."""
+    attestations: tuple[bytes, ...] = ()
+    """Operators' signed attestations of this worker's kind, region or community (``meshjobs attest``)."""
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "max_pending", "max_message_bytes", "sender_rate", "refusal_rate"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1")
-        for name in ("clock_skew_s", "max_validity_s", "heartbeat_interval_s", "drain_timeout_s"):
+        for name in ("clock_skew_s", "max_validity_s", "heartbeat_interval_s", "drain_timeout_s", "price"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} cannot be negative")
+        if not math.isfinite(self.price) or self.price > 1e12:
+            raise UsageError("price must be a finite number of at most 1e12")
+        for name in ("region", "community"):
+            if value := getattr(self, name):
+                try:
+                    check_label(value, name)
+                except ValueError as exc:
+                    raise UsageError(str(exc)) from None

@@ -38,6 +38,7 @@ from meshjobs.discovery import Endpoint, ServiceResponder
 from meshjobs.envelope import Envelope, check_window, claimed_signer, digest, now_ms, open_envelope
 from meshjobs.errors import RETRYABLE_REASONS, KeyExists, MeshError, Reason, Rejected, UsageError
 from meshjobs.identity import Identity
+from meshjobs.manifest import check_attestations, seal_manifest
 from meshjobs.observe.metrics import JobObserver, Observers, process_observer
 from meshjobs.runtime.app import App, Capability
 from meshjobs.runtime.config import WorkerConfig
@@ -132,11 +133,33 @@ class Worker:
                 "meshjobs": __version__,
             },
         )
+        self._attestations = check_attestations(self.config.attestations, self.peer)
+        self.responder.manifest = self.manifest
         self.observer = self._observers(observer)
         self._endpoints: dict[str, Endpoint] = {}
         self._cap_subs: dict[str, list[Subscription]] = {}
         for cap in app.capabilities.values():
             self._add_endpoints(cap)
+
+    def manifest(self) -> str:
+        """This worker's signed discovery manifest, as of now (see :mod:`meshjobs.manifest`)."""
+        offers = [
+            {"name": cap.name, "deterministic": cap.deterministic, "tags": list(cap.tags)}
+            for cap in self.app.capabilities.values()
+            if cap.name in self._endpoints
+        ]
+        fields = {
+            "instance": self.instance_id,
+            "name": (self.config.name or self.app.name)[:128],
+            "kind": self.app.kind,
+            "region": self.config.region,
+            "community": self.config.community,
+            "capabilities": offers,
+            "price": self.config.price,
+            "slots": max(self.config.concurrency - len(self._running), 0),
+            "attestations": list(self._attestations),
+        }
+        return seal_manifest(self.identity, fields).decode()
 
     def _observers(self, observer: JobObserver | None) -> JobObserver:
         """$SRV.STATS counters (durable runs too), plus the process's metrics unless given an observer."""

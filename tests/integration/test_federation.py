@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nats
 import pytest
+import tomlkit
 
 from meshjobs import Client, ConnectError
 from meshjobs._nats import connect
@@ -85,9 +86,12 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
             server.stop()
 
 
-def start_worker(fed: Fed, who: str, server: str, region: str, community: str) -> WorkerProcess:
+def start_worker(
+    fed: Fed, who: str, server: str, region: str, community: str, attestation: Path | None = None
+) -> WorkerProcess:
     log = fed.root / f"{who}-{server}-{len(list(fed.root.glob(f'{who}-{server}-*.log')))}.log"
     args = ("--region", region, "--community", community)
+    args += ("--attestation", str(attestation)) if attestation else ()
     return WorkerProcess.launch("workers.demo:app", fed.homes[who], fed.url(server), log, *args)
 
 
@@ -298,13 +302,24 @@ async def test_a_community_leaf_credential_carries_only_its_own_peers_subjects(f
 
 
 async def test_routed_submission_across_the_federation(fed: Fed) -> None:
-    """Trust routing works through leaves: constraints pick the other region, evidence lands in the hub."""
+    """Trust routing works through leaves: an attested region picks the other region, evidence lands in the hub."""
+    attestations = fed.root / "attestations"
+    topology_toml = fed.root / "topology.toml"  # the operator's file, as `mesh attest` reads it
+    topology_toml.write_text(tomlkit.dumps(fed.topology.model_dump(exclude_none=True)))
+    made = meshjobs(
+        "mesh", "attest", "--topology", str(topology_toml), "--out", str(attestations), env=cli_env(fed.homes["op"])
+    )
+    assert made.returncode == 0, made.stderr
+    garage_key = fed.ids["garage-worker"].public_key
     lab = start_worker(fed, "lab-worker", "lab", "eu", "lab")
-    garage = start_worker(fed, "garage-worker", "garage", "us", "garage")
+    garage = start_worker(fed, "garage-worker", "garage", "us", "garage", attestations / f"{garage_key}.attestation")
+    user_home = fed.homes["lab-user"]
+    trust = (user_home / "trust.toml").read_text()
+    (user_home / "trust.toml").write_text(trust + f'[[operator]]\nkey = "{fed.ids["op"].public_key}"\n')
     try:
         async with await Client.connect(fed.url("lab"), fed.ids["lab-user"]) as client:
-            await wait_for_peers(client, {fed.ids["lab-worker"].public_key, fed.ids["garage-worker"].public_key})
-        env = cli_env(fed.homes["lab-user"], fed.url("lab"))
+            await wait_for_peers(client, {fed.ids["lab-worker"].public_key, garage_key})
+        env = cli_env(user_home, fed.url("lab"))
         out = await asyncio.to_thread(
             meshjobs, "submit", "demo.add", '{"a": 1, "b": 2}', "--region", "us", "--trace", env=env
         )
@@ -321,5 +336,6 @@ async def test_routed_submission_across_the_federation(fed: Fed) -> None:
         # the reputation bucket (not run here); the evidence is the submitter's.
         assert any(e["valid"] and e["submitter"] == fed.ids["lab-user"].public_key for e in report["evidence"]), report
     finally:
+        (user_home / "trust.toml").write_text(trust)
         lab.terminate()
         garage.terminate()

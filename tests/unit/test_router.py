@@ -40,9 +40,21 @@ PEERS = {name: key.public_key for name, key in KEYS.items()}
 NAMES = {key: name for name, key in PEERS.items()}
 
 
-def info(name: str, *, region: str = "eu", kind: str = "system", deterministic: bool = True) -> PeerInfo:
+def info(
+    name: str,
+    *,
+    region: str = "eu",
+    kind: str = "system",
+    deterministic: bool = True,
+    attested: tuple[str, ...] = ("kind", "region"),
+    price: float = 0.0,
+    slots: int = 4,
+) -> PeerInfo:
     caps = ("demo.add",)
-    return PeerInfo(PEERS[name], name, kind, region, "", f"i-{name}", "1", caps, caps if deterministic else ())
+    return PeerInfo(
+        PEERS[name], name, kind, region, "", f"i-{name}", "1", caps, caps if deterministic else (),
+        attested=attested, price=price, slots=slots,
+    )  # fmt: skip
 
 
 def quarantined_record(name: str) -> Record:
@@ -63,7 +75,7 @@ class FakeClient:
         self.answers = answers  # name -> value, ("error", message) or JobTimeout
         self.asked: list[str] = []
 
-    async def peers(self, *, timeout: float, capability: str | None = None) -> list[PeerInfo]:
+    async def peers(self, *, timeout: float, capability: str | None = None, **_: Any) -> list[PeerInfo]:
         return self._peers
 
     async def submit(self, capability: str, args: dict[str, Any], *, peer: str, job_id: str, **kw: Any) -> Outcome:
@@ -157,6 +169,14 @@ def evidence(r: Router) -> list[tuple[str, str]]:
         (Constraints(region="us"), info("a"), "region eu is not us"),
         (Constraints(region="us"), info("a", region=""), "region - is not us"),
         (Constraints(kind="ai"), info("a"), "kind system is not ai"),
+        (
+            Constraints(kind="system"),
+            info("a", attested=("region",)),
+            "kind system is only claimed; no operator attested it",
+        ),
+        (Constraints(region="eu"), info("a", attested=("kind",)), "region eu is only claimed; no operator attested it"),
+        (Constraints(max_price=0.5), info("a", price=0.5), None),
+        (Constraints(max_price=0.5), info("a", price=0.75), "price 0.75 is above 0.5"),
         (Constraints(peer=PEERS["b"]), info("a"), "not the requested peer"),
         (Constraints(peer=PEERS["a"]), info("a"), None),
         (Constraints(min_trust=0.0), info("a"), None),
@@ -173,6 +193,21 @@ async def test_candidates_are_filtered_and_ranked() -> None:
     records = [record("a", alpha=9, latency=50), record("b"), record("c", alpha=5, latency=5)]
     found = await router(peers, records).candidates("demo.add", Constraints(region="eu"))
     assert sorted(NAMES[c.peer] for c in found) == ["a", "b", "c"]  # one entry per peer, d and e left out
+
+
+async def test_prefer_region_tries_attested_local_peers_first_and_falls_back() -> None:
+    peers = [info("a", region="us"), info("b", region="eu"), info("c", region="eu", attested=("kind",)), info("d")]
+    r = router(peers, by_name=False)
+    for _ in range(50):
+        order = [NAMES[c.peer] for c in await r.candidates("demo.add", Constraints(prefer_region="eu"))]
+        assert sorted(order[:2]) == ["b", "d"]  # attested in eu; c only claims eu, a is elsewhere
+        assert sorted(order[2:]) == ["a", "c"]  # still there: the fallback when eu does not answer
+
+
+async def test_peers_without_free_slots_go_last() -> None:
+    r = router([info("a", slots=0), info("b"), info("c")], by_name=False)
+    for _ in range(50):
+        assert NAMES[(await r.candidates("demo.add", Constraints()))[-1].peer] == "a"
 
 
 async def test_ranking_prefers_trust_and_load_without_lock_in() -> None:

@@ -231,7 +231,8 @@ class MeshView:
     async def refresh_peers(self) -> None:
         """Discovery, load, scores and quarantine now; broadcast when anything changed."""
         infos, stats = await asyncio.gather(
-            discover(self.nc, timeout=0.5), collect(self.nc, f"$SRV.STATS.{SERVICE_NAME}", timeout=0.5)
+            discover(self.nc, timeout=0.5, operators=self.settings.operators),
+            collect(self.nc, f"$SRV.STATS.{SERVICE_NAME}", timeout=0.5),
         )
         loads = self._loads(stats)
         router = self.router
