@@ -10,7 +10,7 @@ BIN     = $(VENV)/bin
 $(BIN)/meshjobs: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[ai]'
 	@touch $@
 
 $(VENV)/.dev: $(BIN)/meshjobs

@@ -181,9 +181,82 @@ def test_unreachable_broker(tmp_path: Path) -> None:
     assert "cannot connect" in out.stderr and "Traceback" not in out.stderr
 
 
+def _demo_pids(stdout: str) -> list[int]:
+    """Every process the demo said it started (the broker and its peers)."""
+    return [int(pid) for pid in re.findall(r"\bpid (\d+)", stdout)]
+
+
+def _alive(pid: int) -> bool:
+    """Whether *pid* is still a process the demo started (not a zombie, not a reused pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and (b"meshjobs" in cmdline or b"nats-server" in cmdline)
+
+
 def test_meshjobs_demo(tmp_path: Path) -> None:
     out = meshjobs("demo", env=cli_env(tmp_path / "h", COLUMNS="200"), timeout=90)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert re.search(r"demo\.add\s+│ \{\"a\": 2, \"b\": 3\}\s+│ 0\s+│ 5 ", out.stdout), out.stdout
-    assert "[untrusted]" in out.stdout
-    assert "broker stopped" in out.stdout
+    text = out.stdout
+    assert re.search(r"demo\.add\s+│ \{\"a\": 2, \"b\": 3\}\s+│ 0\s+│ 5 ", text), text
+    assert "[untrusted]" in text
+    identity = re.search(r"^identity\s+(U[A-Z2-7]{55})$", text, re.MULTILINE)
+    assert identity, text
+    me = identity.group(1)
+    # Discovery shows a peer of each kind the demo starts: system (two workers) and ai (the persona).
+    assert re.search(r"architecture-review\s+ai\S*\s+local\S*\s+review\.architecture", text), text
+    assert re.search(r"payments\s+system\S*\s+local\S*\s+payments\.send", text), text
+    # (a) the AI persona's signed result, with what it rests on: model, prompt digest, token usage.
+    assert re.search(r"^stand-in\s+http://127\.0\.0\.1:\d+/v1 ", text, re.MULTILINE), text
+    assert "AI persona: review.architecture (routed by capability name), a signed result" in text
+    assert re.search(rf"worker\s+{me} \(kind ai\)", text), text
+    assert re.search(r"model\s+standin\s*$", text, re.MULTILINE), text
+    assert re.search(r"prompt sha256\s+[0-9a-f]{64} \(matches the messages the model server received\)", text), text
+    usage = re.search(r"usage\s+(\d+) prompt \+ (\d+) completion = (\d+) tokens", text)
+    assert usage, text
+    prompt, completion, total = map(int, usage.groups())
+    assert prompt > 0 and completion > 0 and total == prompt + completion
+    assert re.search(r"output\s+\{\"summary\": \"summary \(standin [0-9a-f]{8}\)\", \"verdict\": \"sound\"", text), text
+    assert re.search(r"signed\s+MJ1R U", text), text
+    # (b) the gated job waits, is approved with the demo's own (operator) key, and its result carries that.
+    waiting = text.index("waiting approval: `meshjobs approvals` lists job")
+    approved = text.index(f"approved by {me} (this identity, an operator in the worker's trust file)")
+    assert waiting < approved
+    assert "may decide: this identity); the handler has not run" in text[waiting:approved]
+    assert re.search(r"result\s+\"sent 500 cents to bob\"", text[approved:]), text
+    assert f'approve by {me} (this identity), reason "demo: the operator approves"' in text[approved:]
+    assert f"state approved, decided by {me}" in text[approved:]
+    assert "workers drained, stand-in and broker stopped" in text
+    pids = _demo_pids(text)
+    assert len(pids) == 4  # broker, demo worker, gated worker, persona
+    assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_meshjobs_demo_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    """Ctrl-C while the gated job waits for approval: the demo still stops what it started."""
+    with open(os.devnull, "rb") as devnull:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "meshjobs", "demo"],
+            env=cli_env(tmp_path / "h", COLUMNS="200"), cwd=REPO, stdin=devnull,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        seen = ""
+        for line in demo.stdout:
+            seen += line
+            if "submitted; the worker needs an operator's signed approval first" in line:
+                break
+        pids = _demo_pids(seen)
+        assert len(pids) == 4, seen
+        demo.send_signal(signal.SIGINT)
+        rest, err = demo.communicate(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 130, seen + rest + err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not [pid for pid in pids if _alive(pid)]
