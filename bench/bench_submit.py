@@ -6,8 +6,14 @@ policy and replay, signing the result and verifying that: everything a real
 submission does. Throughput at 1 and 256 in flight, p50/p99 latency, and the
 worker's peak memory; a table on stdout and JSON in bench/results/.
 
+``--claim`` measures instead what the mesh-wide replay claim costs: the same
+echo handler declared ``idempotent=True`` (no claim) and not (a JetStream KV
+create per job before it runs), on one worker (bench/claim_worker.py), next to
+raw nats-py, at the same in-flight levels.
+
     python bench/bench_submit.py            # the full run reported in the README
-    python bench/bench_submit.py --quick    # a smoke run (CI uses it)
+    python bench/bench_submit.py --claim    # the claim cost: raw, echo idempotent, echo claimed
+    python bench/bench_submit.py --quick    # a smoke run (also with --claim)
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.claim_worker import UNCAPPED_SENDER_RATE  # noqa: E402
 from bench.harness import (  # noqa: E402
     REPO,
     Child,
@@ -47,6 +54,7 @@ FULL = {
     "replicas3": (1000, 5000),
     "durable": (1000, 5000),
     "celery": (1000, 4000),
+    "claim": (3000, 20000),
 }
 QUICK = {
     "raw": (200, 1000),
@@ -55,7 +63,9 @@ QUICK = {
     "replicas3": (50, 300),
     "durable": (50, 300),
     "celery": (100, 300),
+    "claim": (200, 1000),
 }
+ECHO_ARGS = {"n": 1}
 
 
 async def bench_raw(url: str, work: Path, counts: tuple[int, int], levels: list[int]) -> list[Sample]:
@@ -188,6 +198,35 @@ async def bench_durable(url: str, work: Path, counts: tuple[int, int], levels: l
         worker.stop()
 
 
+async def bench_claim(
+    url: str, work: Path, counts: tuple[int, int], levels: list[int], sender_rate: float
+) -> list[Sample]:
+    """The echo handler idempotent (no claim) and claimed (a KV create per job), on one worker."""
+    from bench.claim_worker import CLAIMED, IDEMPOTENT
+    from meshjobs import Client
+    from meshjobs.identity import Identity
+
+    identity = Identity.generate()
+    home = peer_home(work / "claim", identity)
+    env = {**os.environ, "MESHJOBS_HOME": str(home)}
+    args = [python(), "bench/claim_worker.py", url, "--sender-rate", str(sender_rate)]
+    worker = Child(args, work / "claim-worker.log", env)
+    try:
+        worker.wait_for("serving")
+        async with await Client.connect(url, identity) as client:
+            # The first claimed job waits for the worker's claim store: not part of any sample.
+            await client.submit(CLAIMED, ECHO_ARGS)
+            samples = []
+            for level, count in zip(levels, counts, strict=True):
+                for name, capability in (("echo idempotent", IDEMPOTENT), ("echo claimed", CLAIMED)):
+                    sample = await drive_async(name, lambda c=capability: client.submit(c, ECHO_ARGS), count, level)
+                    sample.worker_rss_mib = peak_rss_mib(worker.proc.pid)
+                    samples.append(sample)
+        return samples
+    finally:
+        worker.stop()
+
+
 def bench_celery(work: Path, counts: tuple[int, int], levels: list[int], acks_late: bool = False) -> list[Sample]:
     redis, redis_url = start_redis(work / ("redis-late" if acks_late else "redis"))
     env = {**os.environ, "BENCH_REDIS_URL": redis_url, "BENCH_ACKS_LATE": "1" if acks_late else "0"}
@@ -250,12 +289,26 @@ def ratios(samples: list[Sample]) -> dict[str, Any]:
                     row.as_dict()["p50_ms"] / mesh.as_dict()["p50_ms"],
                     3,  # type: ignore[operator]
                 )
+        idem, claimed = by.get(("echo idempotent", level)), by.get(("echo claimed", level))
+        if idem and claimed:
+            i, c = idem.as_dict(), claimed.as_dict()
+            out[f"claimed/idempotent throughput @{level}"] = round(claimed.throughput / idem.throughput, 3)
+            out[f"claimed/idempotent p50 @{level}"] = round(c["p50_ms"] / i["p50_ms"], 3)  # type: ignore[operator]
+            out[f"claimed/idempotent p99 @{level}"] = round(c["p99_ms"] / i["p99_ms"], 3)  # type: ignore[operator]
+            out[f"claim cost, p50 ms added @{level}"] = round(c["p50_ms"] - i["p50_ms"], 3)  # type: ignore[operator]
+        for name, row in (("idempotent", idem), ("claimed", claimed)):
+            if raw and row:
+                out[f"echo {name}/raw throughput @{level}"] = round(row.throughput / raw.throughput, 3)
+                out[f"echo {name}/raw p50 @{level}"] = round(
+                    row.as_dict()["p50_ms"] / raw.as_dict()["p50_ms"],
+                    3,  # type: ignore[operator]
+                )
     return out
 
 
 def table(samples: list[Sample], summary: dict[str, Any]) -> str:
     lines = [
-        f"{'system':<14}{'in flight':>10}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'worker MiB':>12}"
+        f"{'system':<22}{'in flight':>10}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'worker MiB':>12}"
     ]
     for s in samples:
         d = s.as_dict()
@@ -272,37 +325,64 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run, numbers not meaningful")
     parser.add_argument("--levels", default="1,256", help="in-flight levels, comma-separated (default 1,256)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "submit.json")
+    parser.add_argument(
+        "--claim", action="store_true", help="only the claim cost: raw nats-py, echo idempotent, echo claimed"
+    )
+    parser.add_argument(
+        "--sender-rate",
+        type=float,
+        default=None,
+        help="--claim: the worker's per-submitter rate limit, jobs/s (default: uncapped, so the claim is measured)",
+    )
+    parser.add_argument("--requests", type=int, default=None, help="N requests per row and level (a tiny smoke run)")
+    parser.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the table")
+    parser.add_argument("--out", type=Path, default=None, help="JSON report (default bench/results/submit.json, "
+                        "or claim.json with --claim)")  # fmt: skip
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     counts = QUICK if args.quick else FULL
+    if args.requests is not None:
+        counts = {name: (args.requests,) * len(levels) for name in counts}
+    name = "claim" if args.claim else "submit"
+    out = args.out or REPO / "bench" / "results" / f"{name}.json"
+    sender_rate = args.sender_rate or UNCAPPED_SENDER_RATE
     samples: list[Sample] = []
     with tempfile.TemporaryDirectory(prefix="meshjobs-bench-") as tmp:
         work = Path(tmp)
         broker = embedded(work / "nats").start()
         try:
             samples += asyncio.run(bench_raw(broker.url, work, counts["raw"], levels))
-            samples += asyncio.run(bench_meshjobs(broker.url, work, counts["meshjobs"], levels))
-            samples += asyncio.run(bench_routed(broker.url, work, counts, levels))
-            samples += asyncio.run(bench_durable(broker.url, work, counts["durable"], levels))
+            if args.claim:
+                samples += asyncio.run(bench_claim(broker.url, work, counts["claim"], levels, sender_rate))
+            else:
+                samples += asyncio.run(bench_meshjobs(broker.url, work, counts["meshjobs"], levels))
+                samples += asyncio.run(bench_routed(broker.url, work, counts, levels))
+                samples += asyncio.run(bench_durable(broker.url, work, counts["durable"], levels))
         finally:
             broker.stop()
-        samples += bench_celery(work, counts["celery"], levels)
-        samples += bench_celery(work, counts["celery"], levels, acks_late=True)
+        if not args.claim:
+            samples += bench_celery(work, counts["celery"], levels)
+            samples += bench_celery(work, counts["celery"], levels, acks_late=True)
     summary = ratios(samples)
-    print(table(samples, summary))
     version = subprocess.run([find_nats_server(), "--version"], capture_output=True, text=True).stdout.strip()
-    report = {
-        "benchmark": "submit",
+    report: dict[str, Any] = {
+        "benchmark": name,
         "quick": args.quick,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "nats_server": version},
         "samples": [s.as_dict() for s in samples],
         "ratios": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    if args.claim:
+        report["claim_worker_sender_rate"] = sender_rate
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(table(samples, summary))
+        print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

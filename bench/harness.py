@@ -31,6 +31,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a live process has used so far, in seconds; 0 where /proc has none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mib(pid: int) -> float:
     """Peak resident memory (VmHWM) of a live process, in MiB; 0 where /proc has none."""
     try:
@@ -131,9 +140,18 @@ class Sample:
 
 
 async def drive_async(
-    system: str, call: Callable[[], Awaitable[object]], requests: int, in_flight: int, warmup: int = 200
+    system: str,
+    call: Callable[[], Awaitable[object]],
+    requests: int,
+    in_flight: int,
+    warmup: int = 200,
+    until: float | None = None,
 ) -> Sample:
-    """Run *requests* calls with *in_flight* at a time; time each one."""
+    """Run *requests* calls with *in_flight* at a time; time each one.
+
+    *until* (a ``time.perf_counter()`` reading) ends the run early: no call
+    starts after it, and the sample holds the calls made by then.
+    """
     for _ in range(min(warmup, requests)):
         await call()
     latencies: list[float] = []
@@ -141,7 +159,7 @@ async def drive_async(
 
     async def lane() -> None:
         nonlocal remaining
-        while remaining > 0:
+        while remaining > 0 and (until is None or time.perf_counter() < until):
             remaining -= 1
             started = time.perf_counter()
             await call()
@@ -149,7 +167,7 @@ async def drive_async(
 
     started = time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(in_flight)))
-    return Sample(system, in_flight, requests, time.perf_counter() - started, latencies)
+    return Sample(system, in_flight, len(latencies), time.perf_counter() - started, latencies)
 
 
 def drive_threads(system: str, call: Callable[[], object], requests: int, in_flight: int, warmup: int = 50) -> Sample:
