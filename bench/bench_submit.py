@@ -158,7 +158,6 @@ async def bench_durable(url: str, work: Path, counts: tuple[int, int], levels: l
     from meshjobs._nats import connect
     from meshjobs.durable import Durable
     from meshjobs.identity import Identity
-    from meshjobs.state import Entry, watch_bucket
 
     identity = Identity.generate()
     worker = demo_worker(url, peer_home(work / "durable", identity), work / "durable.log")
@@ -166,32 +165,18 @@ async def bench_durable(url: str, work: Path, counts: tuple[int, int], levels: l
     try:
         worker.wait_for("serving")
         durable = await Durable.open(nc)
-        waiting: dict[str, asyncio.Future[None]] = {}
-
-        def on_result(entry: Entry) -> None:
-            future = waiting.pop(entry.key, None)
-            if future is not None and not future.done():
-                future.set_result(None)
-
-        ready = asyncio.Event()
-        feed = asyncio.create_task(watch_bucket(durable.results, on_result, ready))
-        await ready.wait()
 
         async def one() -> None:
-            from meshjobs.envelope import new_job_id
-
-            job_id = new_job_id()
-            future = waiting[job_id] = asyncio.get_running_loop().create_future()
-            await durable.submit(identity, "demo.noop", {}, job_id=job_id)
-            await future
+            # What a user's `submit --durable` then `jobs wait` does: the signed result, checked
+            # against the frame this submitter signed and the claim of the worker that ran it.
+            job_id = await durable.submit(identity, "demo.noop", {})
+            await durable.wait(job_id, 60.0)
 
         samples = []
         for level, count in zip(levels, counts, strict=True):
             sample = await drive_async("meshjobs durable", one, count, level, warmup=20)
             sample.worker_rss_mib = peak_rss_mib(worker.proc.pid)
             samples.append(sample)
-        feed.cancel()
-        await asyncio.gather(feed, return_exceptions=True)
         return samples
     finally:
         await nc.close()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshjobs.client import Client, Outcome
-from meshjobs.durable import Durable, settle_stored
+from meshjobs.durable import Durable, Journal, settle_stored
 from meshjobs.envelope import new_job_id
 from meshjobs.errors import HandlerError, JobTimeout, MeshError, NoPeerError, Rejected, UsageError
 from meshjobs.router import Attempt, Constraints, Router
@@ -129,9 +129,11 @@ class Submitted:
 class Submitter:
     """Submits on one client connection; owns a router when JetStream is reachable."""
 
-    def __init__(self, client: Client, router: Router | None) -> None:
+    def __init__(self, client: Client, router: Router | None, *, journal: Journal | None = None) -> None:
         self.client = client
         self.router = router
+        # Durable jobs are checked against the frames signed here: one journal for enqueue and wait.
+        self.journal = journal or Journal()
 
     @classmethod
     async def open(cls, client: Client, policy: TrustPolicy | None = None) -> Submitter:
@@ -252,12 +254,12 @@ class Submitter:
 
     async def enqueue(self, capability: str, args: dict[str, Any] | None = None, *, job_id: str | None = None) -> str:
         """Queue a durable job; returns its job id."""
-        durable = await Durable.open(self.client.nc)
+        durable = await Durable.open(self.client.nc, journal=self.journal)
         return await durable.submit(self.client.identity, capability, args or {}, job_id=job_id)
 
     async def wait(self, job_id: str, timeout: float) -> tuple[Any, bytes]:
         """Wait up to *timeout* seconds for a durable job's signed result; raise what a failure means."""
-        durable = await Durable.open(self.client.nc)
+        durable = await Durable.open(self.client.nc, journal=self.journal)
         found: tuple[Any, bytes] = await durable.wait(job_id, timeout)
         settle_stored(job_id, found)
         return found

@@ -12,6 +12,7 @@ from meshjobs.cli._common import (
     WEEK_S,
     Seconds,
     guarded,
+    home,
     identity_for_use,
     metrics_options,
     print_value,
@@ -24,12 +25,19 @@ from meshjobs.cli._common import (
 from meshjobs.cli._render import dlq_table, jobs_table, safe_text
 
 
+def journal() -> Any:
+    """This home's journal of the durable jobs it submitted (0600, bounded)."""
+    from meshjobs.durable import JOURNAL_FILE, Journal
+
+    return Journal(home() / JOURNAL_FILE)
+
+
 async def _open(server: str) -> Any:
     from meshjobs.durable import Durable
 
     nc = await connect(servers(server), identity_for_use(), name="meshjobs-jobs")
     try:
-        return nc, await Durable.open(nc)
+        return nc, await Durable.open(nc, journal=journal())
     except BaseException:
         await close_quietly(nc)
         raise
@@ -46,7 +54,7 @@ def jobs() -> None:
 @server_option
 @guarded
 def status(job_id: str, as_json: bool, server: str) -> None:
-    """Where a durable job is: queued, running, done, failed or dead."""
+    """Where a durable job of yours is: queued, running, done, failed or dead (operators: any job)."""
     from meshjobs.errors import UsageError
 
     async def go() -> None:
@@ -121,7 +129,7 @@ def wait(
 
 
 async def _await_results(durable: Any, job_ids: list[str], timeout: float) -> set[str]:
-    """Poll until every job has a stored result or *timeout* passes; returns those without one."""
+    """Poll until every job has a verified result or *timeout* passes; returns those without one."""
     import asyncio
 
     from meshjobs.cli._render import progress
@@ -133,7 +141,7 @@ async def _await_results(durable: Any, job_ids: list[str], timeout: float) -> se
     with progress("jobs done", total=len(job_ids)) as advance:
         while pending:
             for job_id in list(pending):
-                if await durable.results.get(job_id) is not None:
+                if await durable.result(job_id) is not None:
                     pending.discard(job_id)
                     advance(1)
             set_awaited(len(pending), len(job_ids) - len(pending))
@@ -146,16 +154,17 @@ async def _await_results(durable: Any, job_ids: list[str], timeout: float) -> se
 @jobs.command("list")
 @click.option("--state", "only", type=click.Choice(["queued", "running", "done", "failed", "dead"]))
 @click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--all", "everyone", is_flag=True, help="Every submitter's jobs (operators only).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @server_option
 @guarded
-def list_jobs(only: str | None, limit: int, as_json: bool, server: str) -> None:
-    """Recent durable jobs, newest last (job ids sort by time)."""
+def list_jobs(only: str | None, limit: int, everyone: bool, as_json: bool, server: str) -> None:
+    """Your recent durable jobs (from this home's journal), newest last; --all: everyone's (operators)."""
 
     async def go() -> None:
         nc, durable = await _open(server)
         try:
-            states = await durable.list_states(limit=limit * 4 if only else limit)
+            states = await durable.list_states(limit=limit * 4 if only else limit, everyone=everyone)
         finally:
             await close_quietly(nc)
         rows = [s for s in states if only is None or s.state == only][-limit:]
@@ -173,7 +182,8 @@ def list_jobs(only: str | None, limit: int, as_json: bool, server: str) -> None:
 @server_option
 @guarded
 def dlq(redrive_id: str | None, as_json: bool, server: str) -> None:
-    """The dead-letter queue: jobs that failed every attempt, with the reason."""
+    """The dead-letter queue with the reasons (operators: everyone's; others: their own dead jobs)."""
+    from meshjobs.errors import Reason, Rejected
 
     async def go() -> None:
         nc, durable = await _open(server)
@@ -182,7 +192,18 @@ def dlq(redrive_id: str | None, as_json: bool, server: str) -> None:
                 await durable.redrive(identity_for_use(), redrive_id)
                 click.echo(json.dumps({"requeued": redrive_id}) if as_json else f"re-queued {redrive_id}")
                 return
-            dead = await durable.dead_letters()
+            try:
+                dead = await durable.dead_letters()
+            except Rejected as exc:
+                if exc.reason != Reason.DENIED:
+                    raise
+                # Not an operator: the dead letters of our own jobs, from their states.
+                states = await durable.list_states(limit=10_000)
+                dead = [
+                    {"job_id": s.job_id, "capability": s.capability, "reason": s.detail, "attempts": s.attempts}
+                    for s in states
+                    if s.state == "dead"
+                ]
         finally:
             await close_quietly(nc)
         rows = [{k: v for k, v in d.items() if k != "envelope"} for d in dead]

@@ -155,22 +155,30 @@ def leaf_key_var(community: str) -> str:
 # consumer. The names below repeat what the owning modules declare in
 # meshjobs.catalog (infra imports no job module); a unit test keeps them in step.
 
-#: Buckets workers and submitters write (signed results, nonces, job states, live claims, approval
-#: requests and signed approval decisions: a decision counts only by its signer, not by who wrote it).
-PEER_BUCKETS = ("results", "nonces", "jobs", "claims", "approvals")
+#: Buckets workers and submitters write (durable jobs' signed results and claims, job states, live
+#: claims, approval requests and signed approval decisions: a decision counts only by its signer).
+PEER_BUCKETS = ("job_results", "job_claims", "jobs", "claims", "approvals")
+#: Durable jobs' write-once records: peers read them by exact key only (no listing); their keys
+#: derive from a secret of the job's frame and their values are sealed (meshjobs.jobrecords).
+SEALED_BUCKETS = ("job_results", "job_claims")
+#: Durable job states, under ``<submitter key>.<job id>``: each key reads only its own namespace.
+STATES_BUCKET = "jobs"
 #: Written only by the trust service (and operators).
 TRUST_BUCKETS = ("reputation",)
 #: Written only by operators.
 OPERATOR_BUCKETS = ("quarantine",)
 BUCKETS = PEER_BUCKETS + TRUST_BUCKETS + OPERATOR_BUCKETS
+#: Buckets any peer may read whole (get by key or by sequence, stream info).
+OPEN_BUCKETS = tuple(b for b in BUCKETS if b not in (*SEALED_BUCKETS, STATES_BUCKET))
 JOBS_STREAM = "JOBS"
 JOBS_SUBJECT = "mesh.jobs"
 DLQ_STREAM = "JOBS_DLQ"
 DLQ_SUBJECT = "mesh.dlq"
 EVIDENCE_STREAM = "EVIDENCE"
 STREAMS = (JOBS_STREAM, DLQ_STREAM, EVIDENCE_STREAM)
-#: Streams read with short-lived consumers the server names (evidence, dead letters, job states).
-READ_STREAMS = (EVIDENCE_STREAM, DLQ_STREAM, "KV_jobs")
+#: Streams peers read with short-lived consumers the server names (evidence). The dead-letter
+#: queue (whole envelopes, arguments included) and job states are listed by operators only.
+READ_STREAMS = (EVIDENCE_STREAM,)
 #: Buckets watched with ordered consumers (quarantine orders, reputation records).
 WATCHED_BUCKETS = ("quarantine", "reputation")
 #: Every capability's shared subject; also the pattern its queue group must match.
@@ -200,14 +208,25 @@ def _kv_writes(buckets: tuple[str, ...], domain: str, local: bool) -> list[str]:
     return raw + [f"{api}.$KV.{b}.>" for api in _api(domain, local=False) for b in buckets]
 
 
-def _reads(domain: str, local: bool) -> list[str]:
-    """Reading mesh state: stream info, KV gets, KV watches, short-lived read consumers."""
+def _reads(key: str, domain: str, local: bool) -> list[str]:
+    """Reading mesh state: stream info, KV gets, KV watches, short-lived read consumers.
+
+    A direct get with the key in the subject is the only read of the sealed
+    buckets and of the ``jobs`` bucket, where *key* reads only its own
+    namespace: no get by sequence, no ``STREAM.MSG.GET``, no consumer, no
+    stream info (which lists subjects), so none of them can be listed.
+    (NATS permits a wildcard in a published subject, and a direct get by
+    ``…$KV.<bucket>.>`` returns the bucket's newest message: sealed values
+    make that worthless, and for ``jobs`` it stays within one's own namespace.)
+    """
     out = []
     for api in _api(domain, local=local):
-        out += [f"{api}.STREAM.INFO.{name}" for name in (*STREAMS, *(f"KV_{b}" for b in BUCKETS))]
-        for bucket in BUCKETS:
+        out += [f"{api}.STREAM.INFO.{name}" for name in (*STREAMS, *(f"KV_{b}" for b in OPEN_BUCKETS + SEALED_BUCKETS))]
+        for bucket in OPEN_BUCKETS:
             stream = f"KV_{bucket}"
             out += [f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>", f"{api}.STREAM.MSG.GET.{stream}"]
+        out += [f"{api}.DIRECT.GET.KV_{b}.$KV.{b}.>" for b in SEALED_BUCKETS]
+        out.append(f"{api}.DIRECT.GET.KV_{STATES_BUCKET}.$KV.{STATES_BUCKET}.{key}.>")
         # Unnamed create only: the server names the consumer, so nobody can
         # redefine somebody else's by naming it.
         for stream in (*(f"KV_{b}" for b in WATCHED_BUCKETS), *READ_STREAMS):
@@ -246,7 +265,7 @@ def worker_permissions(key: str, domain: str, *, local: bool = True) -> dict[str
             f"{api}.CONSUMER.MSG.NEXT.{JOBS_STREAM}.*",
         ]
     # Acks and in-progress acks of durable jobs outlive any reply window.
-    publish += [f"$JS.ACK.{JOBS_STREAM}.>", *_reads(domain, local), *_kv_writes(PEER_BUCKETS, domain, local)]
+    publish += [f"$JS.ACK.{JOBS_STREAM}.>", *_reads(key, domain, local), *_kv_writes(PEER_BUCKETS, domain, local)]
     subscribe = [f"{CMD_SUBJECTS} {CMD_SUBJECTS}", f"mesh.peer.{key}.>", *_own(key), "$SRV.>"]
     return _grant(publish, subscribe, responses=True)
 
@@ -254,13 +273,13 @@ def worker_permissions(key: str, domain: str, *, local: bool = True) -> dict[str
 def submitter_permissions(key: str, domain: str, *, local: bool = True) -> dict[str, Any]:
     """A submitter: commands, direct sends, durable jobs, evidence, discovery; replies only to itself."""
     publish = [CMD_SUBJECTS, "mesh.peer.*.cmd.>", f"{JOBS_SUBJECT}.>", "mesh.evidence.>", "$SRV.>"]
-    publish += [*_reads(domain, local), *_kv_writes(("results", "jobs"), domain, local)]
+    publish += [*_reads(key, domain, local), *_kv_writes((STATES_BUCKET,), domain, local)]
     return _grant(publish, _own(key))
 
 
 def trust_service_permissions(key: str, domain: str, *, local: bool = True) -> dict[str, Any]:
     """The trust service: reads evidence with its own consumers, the only writer of reputation."""
-    publish = ["$SRV.>", *_reads(domain, local), *_kv_writes(TRUST_BUCKETS, domain, local)]
+    publish = ["$SRV.>", *_reads(key, domain, local), *_kv_writes(TRUST_BUCKETS, domain, local)]
     for api in _api(domain, local=local):
         publish += [
             f"{api}.CONSUMER.INFO.{EVIDENCE_STREAM}.*",
@@ -367,6 +386,7 @@ def leaf_permissions(peers: dict[str, frozenset[str]], domain: str, reply_window
     subscribe = [link.get(s, s) for s in merged["subscribe"]["allow"] if _STAND_IN not in s]
     for key, key_roles in peers.items():
         subscribe += _own(key)
+        publish.append(f"$JS.{domain}.API.DIRECT.GET.KV_{STATES_BUCKET}.$KV.{STATES_BUCKET}.{key}.>")
         if WORKER in key_roles:
             subscribe.append(f"mesh.peer.{key}.>")
     perms: dict[str, Any] = {"publish": {"allow": publish}, "subscribe": {"allow": _unique(subscribe)}}

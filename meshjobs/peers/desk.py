@@ -7,8 +7,8 @@ shared durable consumer (the same ``jobs_<capability>`` consumer system
 workers use) when the person asks for one (:meth:`Inbox.claim`), and:
 
 - verifies it exactly as the worker runtime does (signature, audience, trust,
-  quarantine, validity window; the nonce mesh-wide; a job whose result exists
-  is acknowledged and skipped);
+  quarantine, validity window; the delivery claimed mesh-wide, a replayed
+  copy terminated; a job whose claimant's result exists is acknowledged and skipped);
 - marks it ``running`` in the shared ``jobs`` bucket with ``claimed by
   <name>``, which every other inbox of the capability watches (they show it
   as taken) and ``meshjobs jobs status`` shows;
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -43,7 +42,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.client import JetStreamContext
 
-from meshjobs.durable import STREAM, Durable, JobState, consumer_name, jobs_subject
+from meshjobs.durable import BUSY, DONE, REPLAY, STREAM, Durable, JobState, consumer_name, decode_state, jobs_subject
 from meshjobs.envelope import Envelope, digest
 from meshjobs.errors import MeshError, Rejected
 from meshjobs.identity import Identity
@@ -105,10 +104,9 @@ class Desk:
             log.warning("the jobs bucket did not answer in 10 s; the shared queue view may be incomplete")
 
     def _on_state(self, entry: Entry) -> None:
-        try:
-            state = JobState(**json.loads(entry.value))
-        except (ValueError, TypeError):
-            self.inbox.forget(entry.key)  # deleted or unreadable
+        state = decode_state(entry.value)  # signed; keys are <submitter>.<job id>
+        if state is None:
+            self.inbox.forget(entry.key.rsplit(".", 1)[-1])  # deleted or unreadable
             return
         self.inbox.see(state)
         key = state.submitter
@@ -177,12 +175,15 @@ class Desk:
             await msg.term()
             return None
         job_id = envelope.job_id
-        if not await self.durable.record_nonce(envelope.submitter, envelope.nonce, job_id):
-            log.warning("terminating job %s: its nonce was used by another job (replay)", job_id)
+        admission = await self.durable.admit(
+            self.identity, envelope, msg.data, msg.metadata.sequence.stream, msg.metadata.num_delivered
+        )
+        if admission == REPLAY:
+            log.warning("terminating job %s: another copy of its frame was claimed (replay)", job_id)
             await msg.term()
             return None
-        if await self.durable.results.get(job_id) is not None:
-            await msg.ack()  # answered before: never twice
+        if admission in (DONE, BUSY):
+            await (msg.ack() if admission == DONE else msg.nak(delay=1.0))  # answered before: never twice
             return None
         shown = self.inbox.expect(job_id)
         task = asyncio.create_task(self._serve(cap, msg, envelope, shown))
@@ -203,7 +204,7 @@ class Desk:
         state.attempts, state.detail = attempt, f"claimed by {self.name}"
         keepalive = asyncio.create_task(_in_progress(msg))
         try:
-            await self.durable.put_state(state)
+            await self.durable.put_state(state, self.identity)
             execution = await execute(cap, envelope, self.identity.public_key)
         except asyncio.CancelledError:
             await _quietly(msg.nak())
@@ -218,16 +219,16 @@ class Desk:
         try:
             if job is not None and job.decision is not None and job.decision.kind == "release":
                 state.state, state.worker, state.detail = "queued", "", f"handed back by {self.name}"
-                await self.durable.put_state(state)
+                await self.durable.put_state(state, self.identity)
                 await msg.nak()
                 return
             if execution.status == "error" and job is not None and job.failure_value is not None:
                 execution = execution._replace(value=job.failure_value)
             frame = seal(self.identity, job_id, request_digest, execution)
-            await self.durable.store_result(job_id, frame)  # created once: never replaces an answer
+            await self.durable.store_result(envelope, msg.data, frame)  # write-once: never replaces an answer
             state.state = "done" if execution.status == "ok" else "failed"
             state.detail = f"{execution.status} by {self.name}"
-            await self.durable.put_state(state)
+            await self.durable.put_state(state, self.identity)
             await msg.ack()
         except (MeshError, nats.errors.Error, TimeoutError) as exc:
             log.warning("could not store job %s's result (it will be delivered again): %s", job_id, exc)

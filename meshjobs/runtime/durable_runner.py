@@ -1,4 +1,4 @@
-"""The worker side of durable jobs: pull, verify, run once, store the result, then ack."""
+"""The worker side of durable jobs: pull, verify, claim, run once, store the result, then ack."""
 
 from __future__ import annotations
 
@@ -12,7 +12,17 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.client import JetStreamContext
 
-from meshjobs.durable import DLQ_SUBJECT, STREAM, Durable, JobState, consumer_name, jobs_subject
+from meshjobs.durable import (
+    BUSY,
+    DLQ_SUBJECT,
+    DONE,
+    REPLAY,
+    STREAM,
+    Durable,
+    JobState,
+    consumer_name,
+    jobs_subject,
+)
 from meshjobs.envelope import Envelope, digest
 from meshjobs.errors import MeshError, Rejected
 from meshjobs.identity import Identity
@@ -154,28 +164,34 @@ class DurableRunner:
             await msg.term()  # never redelivered
             return
         job_id = envelope.job_id
-        if not await self.durable.record_nonce(envelope.submitter, envelope.nonce, job_id):
+        request_digest = digest(msg.data)
+        admission = await self.durable.admit(self.identity, envelope, msg.data, msg.metadata.sequence.stream, attempt)
+        if admission == REPLAY:
             self.observer.rejected("replay")
-            log.warning("terminating job %s: its nonce was used by another job (replay)", job_id)
+            log.warning("terminating job %s: another copy of its frame was claimed (replay)", job_id)
             await msg.term()
             return
-        if await self.durable.results.get(job_id) is not None:
-            await msg.ack()  # done before (a redelivery after a crash): never run twice
+        if admission == DONE:
+            await msg.ack()  # a claimant's result is stored (a redelivery after a crash): never run twice
+            return
+        if admission == BUSY:
+            log.warning("job %s: the claim of delivery %d holds something else; handing it back", job_id, attempt)
+            await msg.nak(delay=1.0)
             return
         if attempt > self.config.max_attempts:
             # Delivered more often than it was ever run to a failure: earlier
             # runs took their worker down with them. Contain it unrun.
             reason = f"delivered {attempt} times without finishing (it may crash its worker)"
             await self._dead_letter(cap, msg, job_id, reason, attempt)
-            state = JobState(job_id, "dead", cap.name, envelope.submitter, digest(msg.data), self.peer, attempt)
+            state = JobState(job_id, "dead", cap.name, envelope.submitter, request_digest, self.peer, attempt)
             state.detail = reason
-            frame = seal(self.identity, job_id, digest(msg.data), Execution("error", None, ("DeadLetter", reason)))
-            await self.durable.store_result(job_id, frame)
-            await self.durable.put_state(state)
+            frame = seal(self.identity, job_id, request_digest, Execution("error", None, ("DeadLetter", reason)))
+            await self.durable.store_result(envelope, msg.data, frame)
+            await self.durable.put_state(state, self.identity)
             await msg.ack()
             return
-        state = JobState(job_id, "running", cap.name, envelope.submitter, digest(msg.data), self.peer, attempt)
-        await self.durable.put_state(state)
+        state = JobState(job_id, "running", cap.name, envelope.submitter, request_digest, self.peer, attempt)
+        await self.durable.put_state(state, self.identity)
         keepalive = asyncio.create_task(self._in_progress(msg))
         self.observer.job_started(cap.name, "durable")
         started = asyncio.get_running_loop().time()
@@ -199,7 +215,7 @@ class DurableRunner:
                 "queued",
                 f"attempt {attempt} failed: {(error or ('', ''))[1]}; retry in {delay:g} s",
             )
-            await self.durable.put_state(state)
+            await self.durable.put_state(state, self.identity)
             await msg.nak(delay=delay)
             return
         if status in ("error", "timeout"):
@@ -209,9 +225,9 @@ class DurableRunner:
             state.state, state.detail = "dead", reason
         else:
             state.state = "done" if status == "ok" else "failed"
-        frame = seal(self.identity, job_id, digest(msg.data), execution)
-        await self.durable.store_result(job_id, frame)  # created once: a concurrent run cannot overwrite it
-        await self.durable.put_state(state)
+        frame = seal(self.identity, job_id, request_digest, execution)
+        await self.durable.store_result(envelope, msg.data, frame)  # write-once: nothing can replace it
+        await self.durable.put_state(state, self.identity)
         await msg.ack()
 
     async def _dead_letter(self, cap: Capability, msg: Msg, job_id: str, reason: str, attempts: int) -> None:
@@ -219,7 +235,7 @@ class DurableRunner:
             "Meshjobs-Job": job_id,
             "Meshjobs-Reason": reason[:1000],
             "Meshjobs-Attempts": str(attempts),
-            "Nats-Msg-Id": f"dlq.{job_id}.{attempts}",
+            "Nats-Msg-Id": f"dlq.{digest(msg.data)}.{attempts}",  # the frame's: nobody can squat it
         }
         await self.js.publish(f"{DLQ_SUBJECT}.{cap.name}", msg.data, headers=headers)
         self.observer.dead_lettered(cap.name)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshjobs._nats import connect
-from meshjobs.durable import STREAM, Durable, consumer_name
+from meshjobs.durable import JOURNAL_FILE, STREAM, Durable, Journal, consumer_name
 from meshjobs.errors import Reason, Rejected
 from meshjobs.identity import Identity
 from meshjobs.infra.broker import NatsServer, embedded
@@ -117,6 +117,9 @@ async def test_sigterm_mid_load_loses_nothing_and_redelivers_nothing(
         job_ids = [await durable.submit(identity, "chaos.work", {"n": i, "ms": 100}) for i in range(60)]
         first = crew.start(broker.url, "--concurrency", "4")
         crew.start(broker.url, "--concurrency", "4")
+        deadline = time.monotonic() + 30  # a loaded machine may take a while to start a worker
+        while "serving" not in first.output() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)
         first.proc.send_signal(signal.SIGTERM)
         results, _ = await collect(durable, job_ids, timeout=60)
@@ -135,7 +138,7 @@ async def test_poison_job_is_dead_lettered_while_healthy_jobs_flow(
     crew.start(broker.url, "--max-attempts", "3", "--retry-delay", "0.1", app="workers.demo:app")
     nc = await connect(broker.url, identity)
     try:
-        durable = await Durable.open(nc)
+        durable = await Durable.open(nc, journal=Journal(home / JOURNAL_FILE))  # the CLI's journal: it checks too
         poison = await durable.submit(identity, "demo.fail", {"message": "poison"})
         healthy = [await durable.submit(identity, "demo.add", {"a": i, "b": 1}) for i in range(20)]
         for i, job_id in enumerate(healthy):
@@ -234,7 +237,7 @@ async def test_hub_node_kill_loses_no_job(tmp_path: Path, identity: Identity, cr
             durable = await Durable.open(nc)
             info = await durable.js.stream_info(STREAM)
             assert info.config.num_replicas == 3
-            for bucket in ("KV_results", "KV_nonces", "KV_jobs"):  # never under-replicated by a forming cluster
+            for bucket in ("KV_job_results", "KV_job_claims", "KV_jobs"):  # never under-replicated by a forming cluster
                 assert (await durable.js.stream_info(bucket)).config.num_replicas == 3
             leader = info.cluster.leader if info.cluster else "c-2"
             job_ids = [await durable.submit(identity, "chaos.work", {"n": i, "ms": 20}) for i in range(40)]
@@ -276,7 +279,7 @@ async def test_a_dead_job_can_be_redriven_by_its_submitter(
     env = cli_env(home, broker.url)
     nc = await connect(broker.url, identity)
     try:
-        durable = await Durable.open(nc)
+        durable = await Durable.open(nc, journal=Journal(home / JOURNAL_FILE))
         job_id = await durable.submit(identity, "fix.me", {"flag": str(flag)})
         result, _ = await durable.wait(job_id, 30)
         assert result.status == "error"
@@ -307,5 +310,31 @@ async def test_a_job_that_crashes_its_worker_is_contained(broker: NatsServer, id
         assert result.status == "error" and "without finishing" in (result.error.message if result.error else "")
         assert [w.proc.returncode for w in crew.workers[:2]] == [70, 70]  # it crashed twice, then was contained
         assert crew.workers[-1].proc.poll() is None
+    finally:
+        await nc.close()
+
+
+async def test_a_replayed_frame_is_terminated_and_runs_once(broker: NatsServer, identity: Identity, crew: Crew) -> None:
+    """Another copy of a job's signed frame in the queue (a new message id) finds its first delivery claimed."""
+    crew.start(broker.url, "--concurrency", "2")
+    nc = await connect(broker.url, identity)
+    try:
+        durable = await Durable.open(nc)
+        job_id = await durable.submit(identity, "chaos.work", {"n": 0, "ms": 10})
+        result, _ = await durable.wait(job_id, 30)
+        assert result.value == 0
+        entry = durable.journal.get(job_id)
+        assert entry is not None
+        for copy in range(2):
+            await durable.js.publish("mesh.jobs.chaos.work", entry.frame, headers={"Nats-Msg-Id": f"replay-{copy}"})
+        deadline = time.monotonic() + 15
+        while True:
+            info = await durable.js.consumer_info(STREAM, consumer_name("chaos.work"))
+            if info.num_pending == 0 and info.num_ack_pending == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert info.num_pending == 0 and info.num_ack_pending == 0 and info.num_redelivered == 0
+        assert crew.exec_log.read_text().split().count(job_id) == 1
+        assert (await durable.wait(job_id, 1))[0].value == 0  # the one result stands
     finally:
         await nc.close()

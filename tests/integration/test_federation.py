@@ -146,9 +146,9 @@ async def test_kv_read_and_write_from_a_leaf(fed: Fed) -> None:
     leaf = await connect(fed.url("garage"), fed.ids["garage-worker"])
     hub = await connect(fed.url("eu-2"), fed.ids["op"])
     try:
-        # A bucket peers may write (job states), provisioned by the operator.
+        # A bucket peers may read whole and write (approval requests), provisioned by the operator.
         state = fed.topology.state_region.name
-        kv = await open_bucket(leaf, "jobs", create=False)
+        kv = await open_bucket(leaf, "approvals", create=False)
         first = await kv.put("leaftest-alpha", b"1")
         assert (await kv.get("leaftest-alpha")).value == b"1"  # type: ignore[union-attr]
         second = await kv.update("leaftest-alpha", b"2", last=first)
@@ -156,10 +156,10 @@ async def test_kv_read_and_write_from_a_leaf(fed: Fed) -> None:
             await kv.update("leaftest-alpha", b"3", last=first)  # a stale compare-and-set loses
         with pytest.raises(KeyExists):
             await kv.create("leaftest-alpha", b"4")
-        from_hub = await open_bucket(hub, "jobs", create=False)
+        from_hub = await open_bucket(hub, "approvals", create=False)
         entry = await from_hub.get("leaftest-alpha")
         assert entry is not None and entry.value == b"2" and entry.revision == second
-        info = await hub.jetstream(domain="hub").stream_info("KV_jobs")
+        info = await hub.jetstream(domain="hub").stream_info("KV_approvals")
         assert info.config.num_replicas == 3
         assert info.cluster is not None and info.cluster.name == state
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,7 +33,8 @@ from meshjobs import Client
 from meshjobs._nats import connect
 from meshjobs.catalog import MESH_STATE
 from meshjobs.durable import Durable, consumer_name
-from meshjobs.errors import ConnectError, Reason, Rejected
+from meshjobs.envelope import open_result, seal_result
+from meshjobs.errors import ConnectError, JobTimeout, Reason, Rejected
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.infra import natsconf
 from meshjobs.infra.broker import NatsServer, closed_roles, embedded, find_nats_server
@@ -40,6 +42,7 @@ from meshjobs.infra.credentials import ensure_credentials
 from meshjobs.infra.mesh import LocalMesh
 from meshjobs.infra.mesh import provision as provision_mesh
 from meshjobs.infra.topology import Topology
+from meshjobs.jobrecords import JobKeys
 from meshjobs.state import BucketSpec, StateSpec, StreamSpec, open_bucket, provision
 from meshjobs.trust.quarantine import issue_order
 from tests.conftest import REPO, WorkerProcess, cli_env, wait_for_instances
@@ -47,7 +50,7 @@ from tests.integration.test_federation import free_ports
 
 pytestmark = pytest.mark.integration
 
-BUCKETS = ("reputation", "quarantine", "results", "jobs", "nonces", "claims")
+BUCKETS = ("reputation", "quarantine", "job_results", "jobs", "job_claims", "claims")
 STREAMS = ["JOBS", "JOBS_DLQ", "EVIDENCE", *(f"KV_{b}" for b in BUCKETS)]
 DURABLE = consumer_name("demo.add")  # the worker's durable consumer on JOBS
 NAMES = ("op", "trust", "user", "worker", "attacker")
@@ -270,6 +273,61 @@ async def write_victim_inbox(env: Env) -> bool:
     return bool(got)
 
 
+async def _victim_job_state(env: Env) -> str:
+    """The victim writes a job state in its own namespace of the jobs bucket; returns the key."""
+    key = f"{env.victim_key}.roles{secrets.token_hex(8)}"
+    await env.victim.request(f"$JS.hub.API.$KV.jobs.{key}", b"a job state", timeout=2)
+    return key
+
+
+async def _got_message(env: Env, subject: str, body: bytes = b"") -> bool:
+    """True when a direct get answered with a stored message (the attack read something)."""
+    try:
+        msg = await env.attacker.request(subject, body, timeout=1.0)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        return False
+    return bool(msg.headers and msg.headers.get("Nats-Sequence"))
+
+
+def list_stream(stream: str, subject: str) -> Callable[[Env], Awaitable[bool]]:
+    """List a stream with a consumer of one's own (every job's state; the dead letters, arguments and all)."""
+
+    async def attack(env: Env) -> bool:
+        await _victim_job_state(env)
+        config = {"ack_policy": "none", "deliver_policy": "last_per_subject", "filter_subject": subject,
+                  "inactive_threshold": 5_000_000_000}  # fmt: skip
+        body = json.dumps({"stream_name": stream, "config": config}).encode()
+        return await _request(env, f"$JS.hub.API.CONSUMER.CREATE.{stream}", body)
+
+    return attack
+
+
+async def get_victim_state(env: Env) -> bool:
+    key = await _victim_job_state(env)
+    return await _got_message(env, f"$JS.hub.API.DIRECT.GET.KV_jobs.$KV.jobs.{key}")
+
+
+async def get_newest_state_by_wildcard(env: Env) -> bool:
+    await _victim_job_state(env)
+    return await _got_message(env, "$JS.hub.API.DIRECT.GET.KV_jobs.$KV.jobs.>")
+
+
+async def get_states_by_sequence(env: Env) -> bool:
+    await _victim_job_state(env)
+    return await _got_message(env, "$JS.hub.API.DIRECT.GET.KV_jobs", b'{"next_by_subj": "$KV.jobs.>", "seq": 1}')
+
+
+async def msg_get_victim_state(env: Env) -> bool:
+    key = await _victim_job_state(env)
+    body = json.dumps({"last_by_subj": f"$KV.jobs.{key}"}).encode()
+    return await _request(env, "$JS.hub.API.STREAM.MSG.GET.KV_jobs", body)
+
+
+async def list_state_keys_by_stream_info(env: Env) -> bool:
+    await _victim_job_state(env)
+    return await _request(env, "$JS.hub.API.STREAM.INFO.KV_jobs", b'{"subjects_filter": ">"}')
+
+
 PUBLISH, SUBSCRIBE = "for publish to", "for subscription to"
 ATTACKS: dict[str, tuple[Callable[[Env], Awaitable[bool]], str]] = {
     **{f"delete {name}": (delete_stream(name), PUBLISH) for name in STREAMS},
@@ -286,6 +344,13 @@ ATTACKS: dict[str, tuple[Callable[[Env], Awaitable[bool]], str]] = {
     "subscribe to another peer's inbox": (read_victim_inbox, SUBSCRIBE),
     "subscribe to another peer's direct subject": (read_worker_direct_subject, SUBSCRIBE),
     "publish into another peer's inbox": (write_victim_inbox, PUBLISH),
+    "list every job's state": (list_stream("KV_jobs", "$KV.jobs.>"), PUBLISH),
+    "list the dead-letter queue": (list_stream("JOBS_DLQ", "mesh.dlq.>"), PUBLISH),
+    "read another submitter's job state by its key": (get_victim_state, PUBLISH),
+    "read the newest job state with a wildcard": (get_newest_state_by_wildcard, PUBLISH),
+    "read job states by sequence": (get_states_by_sequence, PUBLISH),
+    "read a job state with STREAM.MSG.GET": (msg_get_victim_state, PUBLISH),
+    "list job state keys with stream info": (list_state_keys_by_stream_info, PUBLISH),
 }
 
 
@@ -452,6 +517,95 @@ async def test_the_mesh_still_serves_after_the_attacks(closed: Closed) -> None:
         assert result.value == 3
 
 
+# -- durable jobs: forged results, squatted keys and message ids --------------------------
+
+
+@pytest.mark.parametrize("where", ["hub", "leaf"])
+async def test_a_result_signed_by_another_key_is_never_accepted(closed: Closed, where: str) -> None:
+    """Attack (a): a result for the victim's job id and request digest, signed by the attacker's key."""
+    user, attacker = closed.ids["user"], closed.ids["attacker"]
+    async with await Client.connect(closed.url("hub"), user) as client:
+        durable = await Durable.open(client.nc)
+        job = await durable.submit(user, "roles.idle", {"n": 1})  # nobody serves it: it stays queued
+        entry = durable.journal.get(job)
+        assert entry is not None
+        keys = JobKeys(entry.frame)
+        forged = seal_result(attacker, request_digest=keys.digest, job_id=job, status="ok", value=666)
+        # The attack matters: the forgery verifies and names the job and its digest, all the old check compared.
+        opened = open_result(forged)
+        assert (opened.job_id, opened.request_digest, opened.value) == (job, keys.digest, 666)
+        errors: list[str] = []
+        spy = await _raw(closed.url(where), attacker, errors)
+        nc = await connect(closed.url(where), attacker)
+        try:
+            # The digest was read from the world-readable state: now even its exact key is refused.
+            with pytest.raises(nats.errors.TimeoutError):
+                await spy.request(f"$JS.hub.API.DIRECT.GET.KV_jobs.$KV.jobs.{user.public_key}.{job}", b"", timeout=1)
+            await asyncio.sleep(0.05)
+            assert any("permissions violation for publish to" in e for e in errors), errors
+            theirs = await Durable.open(nc)
+            for key in (job, keys.digest, f"{job}.{keys.digest}"):  # every key it can name from job id and digest
+                assert await theirs.results.create(key, forged)
+            # Even handed the frame (so the real key and seal), a result from a key holding no claim is ignored.
+            assert await theirs.results.create(keys.result_key, keys.seal(forged))
+        finally:
+            await nc.close()
+            await spy.close()
+        assert await durable.result(job, wait=1.0) is None  # ignored, not an outcome
+        with pytest.raises(JobTimeout):
+            await durable.wait(job, 0.5)
+
+
+@pytest.mark.parametrize("where", ["hub", "leaf"])
+async def test_junk_and_a_squatted_message_id_under_a_known_job_id_do_nothing(closed: Closed, where: str) -> None:
+    """Attacks (b) and (c): the victim's job id is known in advance; junk results, claims and a message id await it."""
+    user, attacker = closed.ids["user"], closed.ids["attacker"]
+    job = f"order-{secrets.token_hex(6)}"  # chosen by the victim, learned (or guessed) by the attacker
+    nc = await connect(closed.url(where), attacker)
+    try:
+        theirs = await Durable.open(nc)
+        junk = seal_result(attacker, request_digest="0" * 64, job_id=job, status="ok", value="junk")
+        assert await theirs.results.create(job, junk)
+        assert await theirs.claims.create(f"{job}.1", b"junk")
+        # (b) mattered: workers acknowledged unrun any job whose id had something stored under it.
+        assert await theirs.results.get(job) == junk
+        js = nc.jetstream(domain="hub", timeout=5)
+        await js.publish("mesh.jobs.demo.add", b"squatting", headers={"Nats-Msg-Id": job})
+        # (c) mattered: a message with that id is now dropped as a duplicate, as the victim's was.
+        again = await js.publish("mesh.jobs.demo.add", b"squatting", headers={"Nats-Msg-Id": job})
+        assert again.duplicate
+    finally:
+        await nc.close()
+    async with await Client.connect(closed.url("hub"), user) as client:
+        durable = await Durable.open(client.nc)
+        assert await durable.submit(user, "demo.add", {"a": 40, "b": 2}, job_id=job) == job
+        result, _ = await durable.wait(job, 30)
+        assert result.value == 42 and result.worker == closed.ids["worker"].public_key
+        state = await durable.state(job)
+        assert state is not None and state.state == "done" and state.writer == closed.ids["worker"].public_key
+
+
+async def test_the_submitter_lists_only_its_own_jobs_and_operators_all(closed: Closed) -> None:
+    user, op = closed.ids["user"], closed.ids["op"]
+    async with await Client.connect(closed.url("hub"), user) as client:
+        durable = await Durable.open(client.nc)
+        job = await durable.submit(user, "demo.add", {"a": 1, "b": 1})
+        await durable.wait(job, 30)
+        assert job in [s.job_id for s in await durable.list_states()]
+        with pytest.raises(Rejected) as refused:
+            await durable.list_states(everyone=True)
+        assert refused.value.reason == Reason.DENIED
+        with pytest.raises(Rejected):
+            await durable.dead_letters()
+    nc = await connect(closed.url("hub"), op)
+    try:
+        everyone = await (await Durable.open(nc)).list_states(limit=10_000, everyone=True)
+        mine = [s for s in everyone if s.job_id == job]
+        assert mine and mine[0].state == "done" and mine[0].submitter == user.public_key
+    finally:
+        await nc.close()
+
+
 async def test_known_limit_a_queue_group_named_under_mesh_cmd_still_gets_copies(closed: Closed) -> None:
     """NATS cannot require the queue group to equal the subject (README, Roles): pinned so the docs stay true."""
     env = await closed_env(closed, "hub")
@@ -494,7 +648,12 @@ def test_meshjobs_up_closed_admits_only_its_keys(tmp_path: Path) -> None:
             try:
                 js = nc.jetstream(domain="hub", timeout=1)
                 for spec in MESH_STATE:  # provisioned by `up` with the local identity
-                    await js.stream_info(spec.name if isinstance(spec, StreamSpec) else f"KV_{spec.name}")
+                    name = spec.name if isinstance(spec, StreamSpec) else f"KV_{spec.name}"
+                    if name == "KV_jobs":  # its stream info would list every job: operators only
+                        with pytest.raises(nats.errors.TimeoutError):
+                            await js.stream_info(name)
+                        continue
+                    await js.stream_info(name)
                 with pytest.raises(nats.errors.TimeoutError):
                     await js.delete_stream("JOBS")
             finally:

@@ -128,20 +128,33 @@ async def test_without_a_token_a_token_query_sets_no_cookie() -> None:
 
 
 def test_durable_states_become_rows() -> None:
+    from meshjobs.durable import JobState
+    from meshjobs.identity import Identity
+    from meshjobs.jobrecords import StateRecord, seal_state
+
+    submitter, worker = Identity.generate(), Identity.generate()
+    job, digest = "0123456789abcdef", "d" * 64
+
+    def signed(by: Identity, state: str, updated_ms: int, **extra: object) -> bytes:
+        record = StateRecord.model_validate(
+            {"version": 1, "job_id": job, "state": state, "capability": "demo.add", "submitter": submitter.public_key,
+             "request_digest": digest, "writer": by.public_key, "updated_ms": updated_ms, **extra}
+        )  # fmt: skip
+        return seal_state(by, record)
+
     queued_at: dict[str, int] = {}
-    base = {"job_id": "j1", "capability": "demo.add", "submitter": "Usub", "request_digest": "d", "worker": ""}
-    assert state_row("j1", json.dumps({**base, "state": "queued", "updated_ms": 1000}).encode(), queued_at)
-    done = state_row(
-        "j1", json.dumps({**base, "state": "done", "worker": "Uw", "updated_ms": 1250}).encode(), queued_at
-    )
-    assert done is not None and done["latency_ms"] == 250.0 and done["peer"] == "Uw" and done["status"] == "done"
-    assert state_row("j2", json.dumps({**base, "state": "done"}).encode(), queued_at) is None  # filed under another key
-    assert state_row("j1", b"not json", queued_at) is None
-    assert state_row("j1", b"[1]", queued_at) is None
-    odd = state_row(
-        "j1", json.dumps({"job_id": "j1", "state": "running", "worker": 5, "updated_ms": True}).encode(), {}
-    )
-    assert odd is not None and odd["peer"] == "" and odd["at_ms"] == 0
+    key = f"{submitter.public_key}.{job}"
+    assert state_row(key, signed(submitter, "queued", 1000), queued_at)
+    done = state_row(key, signed(worker, "done", 1250, worker=worker.public_key), queued_at)
+    assert done is not None and done["latency_ms"] == 250.0 and done["peer"] == worker.public_key
+    assert done["status"] == "done" and done["job_id"] == job
+    assert state_row(f"{submitter.public_key}.other-job-id", signed(worker, "done", 1), queued_at) is None
+    assert state_row(key, b"not json", queued_at) is None
+    unsigned = json.dumps(JobState(job, "done", "demo.add", submitter.public_key, digest).as_dict()).encode()
+    assert state_row(key, unsigned, queued_at) is None  # unsigned: junk
+    forged = bytearray(signed(worker, "done", 5))
+    forged[-3] ^= 1
+    assert state_row(key, bytes(forged), queued_at) is None  # the signature no longer verifies
 
 
 def test_monitor_urls() -> None:

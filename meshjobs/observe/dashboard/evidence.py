@@ -8,7 +8,6 @@ durable job, updated as it moves), ``source``, ``job_id``, ``capability``,
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -44,17 +43,18 @@ def _text(data: dict[str, Any], key: str, limit: int = 1000) -> str:
 
 
 def state_row(key: str, value: bytes, queued_at: dict[str, int]) -> dict[str, Any] | None:
-    """A durable job's state (``jobs`` bucket, unsigned) as a row, or None for junk.
+    """A durable job's state (``jobs`` bucket, signed by its writer) as a row, or None for junk.
 
     *queued_at* remembers when jobs were queued, so a finished job's row tells
     how long it took from queueing to its final state.
     """
-    try:
-        data = json.loads(value) if value else None
-    except ValueError:
+    from meshjobs.durable import decode_state
+
+    decoded = decode_state(value)  # signed by its writer; keyed <submitter>.<job id>
+    if decoded is None or key.rsplit(".", 1)[-1] != decoded.job_id:
         return None
-    if not isinstance(data, dict) or data.get("job_id") != key or not isinstance(data.get("state"), str):
-        return None
+    data = decoded.as_dict()
+    key = decoded.job_id
     updated = data.get("updated_ms")
     at_ms = updated if isinstance(updated, int) and not isinstance(updated, bool) else 0
     state = _text(data, "state", 32)
