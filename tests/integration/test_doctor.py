@@ -16,6 +16,7 @@ from meshjobs.catalog import MESH_STATE
 from meshjobs.discovery import Endpoint, ServiceResponder
 from meshjobs.identity import Identity
 from meshjobs.infra.broker import NatsServer, embedded
+from meshjobs.manifest import seal_manifest
 from meshjobs.state import provision
 from tests.conftest import REPO, WorkerProcess, cli_env, meshjobs, wait_for_instances
 
@@ -49,7 +50,8 @@ def test_fresh_broker_fails_on_missing_state_and_trust(own_broker: NatsServer, h
     code, checks, _ = doctor(home, own_broker.url)
     assert code == 1
     assert checks["broker"]["status"] == "pass" and checks["jetstream"]["status"] == "pass"
-    assert checks["state"]["status"] == "fail" and "JOBS missing" in checks["state"]["detail"]
+    assert checks["state"]["status"] == "fail" and "JOBS missing" in checks["state"]["problems"]
+    assert "missing" in checks["state"]["detail"]
     assert checks["trust"]["status"] == "fail" and "no trust file" in checks["trust"]["detail"]
 
 
@@ -104,7 +106,10 @@ def test_a_bad_trust_file_fails_and_is_named(own_broker: NatsServer, home: Path)
 
 async def test_advertised_but_not_consuming_fails(own_broker: NatsServer, home: Path) -> None:
     """A process that answers discovery but left its queue group (hung, quarantined, half shut down)."""
-    ghost = ServiceResponder("ghost1", "0", "a worker that consumes nothing", {"peer": "UGHOST", "name": "ghost"})
+    key = Identity.generate()  # a real peer's signed manifest: discovery takes nothing less
+    ghost = ServiceResponder("ghost1", "0", "a worker that consumes nothing", {"peer": key.public_key, "name": "ghost"})
+    offer = {"instance": "ghost1", "kind": "system", "capabilities": [{"name": "doctor.ghost"}]}
+    ghost.manifest = lambda: seal_manifest(key, offer).decode()
     subject = "mesh.cmd.doctor.ghost"
     ghost.endpoints.append(Endpoint("doctor_ghost", subject, subject, {"capability": "doctor.ghost"}))
     nc = await nats.connect(own_broker.url)
