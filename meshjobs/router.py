@@ -146,6 +146,9 @@ class Router:
         self._writer: asyncio.Task[None] | None = None
         #: Jobs this router has in flight per peer: the load part of the ranking.
         self.inflight: Counter[str] = Counter()
+        #: Agreements with credible peers this router settled itself, per peer: they count before the
+        #: trust service has folded the evidence into the peer's record (see :mod:`meshjobs.verify`).
+        self.witnessed: Counter[str] = Counter()
         self.rng = random.Random()
 
     @classmethod

@@ -10,13 +10,19 @@ independent peer depends on how much of that peer's record is *verified*
   ``max(SPOT_MIN, 1 / (verified + 1))``, so the rate
   falls as the record grows but never to zero (a long con meets checks too).
 - The checker is an independent peer: another community or region where the
-  mesh has one, chosen by trust (verified peers and pre-trusted anchors
-  first), never the primary.
+  mesh has one, never the primary. An unproven primary is checked by a
+  credible peer (drawn by trust); a credible primary by the least proven
+  peers first, so a spot check also tests a newcomer at no risk to the value
+  returned (see :func:`pick_checker`).
+- Whether to check reads only the signed record's ``verified`` count; who
+  checks also counts the agreements this router settled itself (the record
+  lags the evidence), so checker duty spreads over the newcomers at once.
 - Agreement is evidence for both peers, with both signed results as proof.
 - A mismatch is never settled on one peer's word against another's: more
   peers are asked, the most trusted first (pre-trusted anchors), until the
-  value whose supporters carry more trust (by a margin) wins, and each peer on the losing side gets ``wrong`` evidence
-  carrying the winning side's signed results. A minority is not punished
+  value whose supporters carry more trust (by a margin) wins, and each peer on
+  the losing side gets ``wrong`` evidence carrying the winning side's signed
+  results. A minority is not punished
   unless the agreeing side outweighs it by trust; an even split returns no
   value (``no_quorum``).
 
@@ -31,6 +37,7 @@ import logging
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +49,7 @@ from meshjobs.router import Attempt, Candidate, Constraints, RoutedOutcome, Rout
 log = logging.getLogger("meshjobs.verify")
 
 #: Verified agreements below which every result of a peer is checked.
-VERIFIED_FLOOR = 1
+VERIFIED_FLOOR = 2
 #: The lowest spot-check rate, however long a peer's verified record.
 SPOT_MIN = 0.1
 #: How much more trust the winning side of a disagreement must carry: less is no verdict yet.
@@ -67,8 +74,9 @@ def standing(candidate: Candidate) -> float:
     return max(float(weigh()) if callable(weigh) else record.score(), 0.0)
 
 
-def verified_count(candidate: Candidate) -> int:
-    return int(getattr(candidate.record, "verified", 0))
+def verified_count(candidate: Candidate, witnessed: int = 0) -> int:
+    """Verified agreements: the signed record's, or what this router witnessed itself if more (evidence lags)."""
+    return max(int(getattr(candidate.record, "verified", 0)), witnessed)
 
 
 def _independent(primary: Candidate, c: Candidate) -> int:
@@ -76,17 +84,28 @@ def _independent(primary: Candidate, c: Candidate) -> int:
     return int(bool(o.community) and o.community != p.community) + int(bool(o.region) and o.region != p.region)
 
 
-def pick_checker(primary: Candidate, others: list[Candidate], rng: random.Random) -> list[Candidate]:
-    """Checkers for *primary*'s result, best first: independent (another community/region) and credible.
+def pick_checker(
+    primary: Candidate,
+    others: list[Candidate],
+    rng: random.Random,
+    verified: Callable[[Candidate], int] = verified_count,
+) -> list[Candidate]:
+    """Checkers for *primary*'s result, best first: independent (another community/region), then by need.
 
-    Among equally independent peers the order is a trust-weighted random
-    sample, so checks spread over every credible peer instead of falling on
-    the anchors alone; peers with no credibility come last (they cannot
-    vouch for anyone, and a collective vouching for itself gains nothing).
+    When the primary is itself credible (its word outweighs an unproven peer's
+    by :data:`MARGIN`), the check also tests the checker: the least proven
+    peers come first, so newcomers earn a verified record (and a cheater among
+    them is caught: a disagreement is settled by the most trusted) while the
+    value returned rests on the credible primary. When the primary is not
+    credible, the checker must be: a trust-weighted random sample, so checks
+    spread over every credible peer instead of falling on the anchors alone;
+    peers with no credibility come last (a collective vouching for itself
+    gains nothing).
     """
+    credible = standing(primary) >= MARGIN
 
     def key(c: Candidate) -> tuple[int, float]:
-        weight = standing(c) + 0.01
+        weight = 1.0 / (1 + verified(c)) if credible else standing(c) + 0.01
         return (-_independent(primary, c), -(rng.random() ** (1.0 / weight)))
 
     return sorted((c for c in others if c.peer != primary.peer), key=key)
@@ -161,7 +180,7 @@ class Verifier:
             return RoutedOutcome(outcome, trace, [primary.peer])
         votes: dict[str, list[tuple[Candidate, Outcome]]] = defaultdict(list)
         votes[result_digest(outcome)].append((primary, outcome))
-        checkers = pick_checker(primary, rest, self.rng)
+        checkers = pick_checker(primary, rest, self.rng, lambda c: verified_count(c, self.router.witnessed[c.peer]))
         # One checker; on a disagreement, the most trusted peers settle it,
         # one at a time until one side outweighs the other.
         settling = False
@@ -196,11 +215,15 @@ class Verifier:
             raise Rejected(Reason.NO_QUORUM, "the peers disagree and no side outweighs the other by enough trust")
         verdict = settle_votes(votes)
         winners = [o for group in votes.values() for c, o in group if c.peer in verdict.agreeing]
+        backers = [c for group in votes.values() for c, _ in group if c.peer in verdict.agreeing]
         for group in votes.values():
             for candidate, ran in group:
                 if candidate.peer in verdict.agreeing:
                     proof = [o for o in winners if o is not ran]
                     self.router.report("agree", candidate.peer, ran, job_id, capability, proof=proof)
+                    # Verified only by credible company: peers that vouch only for each other gain nothing.
+                    if sum(standing(c) for c in backers if c.peer != candidate.peer) >= MARGIN:
+                        self.router.witnessed[candidate.peer] += 1
                 else:
                     detail = f"outweighed by {len(verdict.agreeing)} peer(s) that agree"
                     self.router.report("wrong", candidate.peer, ran, job_id, capability, proof=winners, detail=detail)

@@ -55,11 +55,19 @@ def test_the_checker_is_independent_of_the_primary_where_the_mesh_allows() -> No
         assert [c.peer for c in order] == ["o", "s"]  # never the primary, another community first
 
 
-def test_trusted_checkers_are_preferred_but_work_spreads() -> None:
-    primary = cand("p", 0.5)
+def test_an_unproven_primary_gets_a_trusted_checker_but_work_spreads() -> None:
+    primary = cand("p", 0.1)  # its word does not outweigh anyone's: the checker must be credible
     others = [cand("hi", 0.9), cand("mid", 0.6), cand("lo", 0.05)]
     firsts = [pick_checker(primary, others, random.Random(seed))[0].peer for seed in range(400)]
     assert firsts.count("hi") > firsts.count("mid") > firsts.count("lo") > 0
+
+
+def test_a_credible_primary_is_checked_by_the_least_proven_peers_first() -> None:
+    """The check then tests the newcomer too; the value returned rests on the credible primary."""
+    primary = cand("p", 0.6, verified=9)
+    others = [cand("old", 0.9, verified=20), cand("some", 0.3, verified=3), cand("new", 0.0, verified=0)]
+    firsts = [pick_checker(primary, others, random.Random(seed))[0].peer for seed in range(400)]
+    assert firsts.count("new") > firsts.count("some") > firsts.count("old") > 0
 
 
 def votes(*groups: list[Any]) -> dict[str, list[tuple[Any, Any]]]:
