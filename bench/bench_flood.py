@@ -51,6 +51,7 @@ from bench.harness import (  # noqa: E402
     drive_async,
     peak_rss_mib,
     peer_home,
+    publish_report,
     python,
 )
 from meshjobs import Client  # noqa: E402
@@ -257,14 +258,7 @@ def main() -> None:
         **result,
         "ratios": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report, indent=2))
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(table(result, summary))
-        print(f"\nwrote {args.out}")
+    publish_report(report, args.out, args.json, table(result, summary))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import subprocess
@@ -42,6 +41,7 @@ from bench.harness import (  # noqa: E402
     drive_threads,
     peak_rss_mib,
     peer_home,
+    publish_report,
     python,
     start_redis,
 )
@@ -360,14 +360,7 @@ def main() -> None:
     }
     if args.claim:
         report["claim_worker_sender_rate"] = sender_rate
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report, indent=2))
-        print(f"wrote {out}", file=sys.stderr)
-    else:
-        print(table(samples, summary))
-        print(f"\nwrote {out}")
+    publish_report(report, out, args.json, table(samples, summary))
 
 
 if __name__ == "__main__":

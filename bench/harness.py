@@ -6,6 +6,7 @@ Every server binds 127.0.0.1 on a free port and is stopped by its PID.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.trust.policy import TRUST_FILE
@@ -189,3 +191,15 @@ def drive_threads(system: str, call: Callable[[], object], requests: int, in_fli
 
 def python() -> str:
     return sys.executable
+
+
+def publish_report(report: dict[str, Any], out: Path, as_json: bool, text: str) -> None:
+    """Write *report* as JSON to *out*; print it (``--json``) or the *text* table, and where it went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(report, indent=2))
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(text)
+        print(f"\nwrote {out}")
