@@ -6,7 +6,8 @@ A frame is ASCII header, newline, UTF-8 JSON body::
 
 ``MJ1E`` marks an envelope, ``MJ1R`` a result (and ``MJ1V`` evidence, ``MJ1Q``
 a quarantine order, ``MJ1T`` a trust service's record, ``MJ1D`` an AI draft,
-``MJ1A`` an approval, ``MJ1M`` a discovery manifest, ``MJ1S`` an attestation).
+``MJ1A`` an approval, ``MJ1M`` a discovery manifest, ``MJ1S`` an attestation,
+``MJ1H`` what a person's inbox holds).
 The signature covers a fixed domain-separation prefix followed by the exact
 body bytes that travel, so it is checked before the body is parsed at all; only then is the body decoded,
 strictly (UTF-8, no duplicate keys, no NaN or Infinity, bounded depth, no
@@ -50,6 +51,8 @@ STATE_MAGIC = b"MJ1J"
 #: A worker's signed discovery manifest, and an operator's attestation of a peer (meshjobs.manifest).
 MANIFEST_MAGIC = b"MJ1M"
 ATTESTATION_MAGIC = b"MJ1S"
+#: What a person's inbox holds of one capability, announced to the other inboxes (meshjobs.peers.desk).
+HOLDING_MAGIC = b"MJ1H"
 #: One domain-separation prefix per kind of signed statement: a signature
 #: made for one kind can never be passed off as another.
 DOMAIN = {
@@ -64,6 +67,7 @@ DOMAIN = {
     STATE_MAGIC: b"meshjobs/1 job state\x00",
     MANIFEST_MAGIC: b"meshjobs/1 manifest\x00",
     ATTESTATION_MAGIC: b"meshjobs/1 attestation\x00",
+    HOLDING_MAGIC: b"meshjobs/1 desk holding\x00",
 }
 _KEY_LEN = 56
 _SIG_LEN = 86

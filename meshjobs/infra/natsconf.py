@@ -183,6 +183,8 @@ READ_STREAMS = (EVIDENCE_STREAM,)
 WATCHED_BUCKETS = ("quarantine", "reputation")
 #: Every capability's shared subject; also the pattern its queue group must match.
 CMD_SUBJECTS = "mesh.cmd.>"
+#: Where people's inboxes announce the jobs they hold (signed; meshjobs.peers.desk): workers only.
+DESK_SUBJECTS = "mesh.desk.>"
 
 #: How long a worker may answer a request it received ("running" heartbeats
 #: every second, then the result), unless the topology says otherwise.
@@ -250,12 +252,14 @@ def _own(key: str) -> list[str]:
 def worker_permissions(key: str, domain: str, *, local: bool = True) -> dict[str, Any]:
     """A worker: capability commands only through their queue groups, its direct subject, durable jobs.
 
+    ``mesh.desk.>`` carries the signed announcements of the jobs people's
+    inboxes hold (:mod:`meshjobs.peers.desk`), published and heard by workers.
     NATS binds a subscription to a queue group by pattern: ``mesh.cmd.>`` is
     allowed only in a queue group whose name matches ``mesh.cmd.>`` (the
     runtime names each group like its subject), so a plain subscription is
     refused. NATS cannot require the group to *equal* the subject.
     """
-    publish = [f"{DLQ_SUBJECT}.>"]
+    publish = [f"{DLQ_SUBJECT}.>", DESK_SUBJECTS]
     for api in _api(domain, local=local):
         publish += [
             f"{api}.CONSUMER.INFO.{JOBS_STREAM}.*",
@@ -266,7 +270,7 @@ def worker_permissions(key: str, domain: str, *, local: bool = True) -> dict[str
         ]
     # Acks and in-progress acks of durable jobs outlive any reply window.
     publish += [f"$JS.ACK.{JOBS_STREAM}.>", *_reads(key, domain, local), *_kv_writes(PEER_BUCKETS, domain, local)]
-    subscribe = [f"{CMD_SUBJECTS} {CMD_SUBJECTS}", f"mesh.peer.{key}.>", *_own(key), "$SRV.>"]
+    subscribe = [f"{CMD_SUBJECTS} {CMD_SUBJECTS}", f"mesh.peer.{key}.>", *_own(key), "$SRV.>", DESK_SUBJECTS]
     return _grant(publish, subscribe, responses=True)
 
 

@@ -8,7 +8,9 @@ the capability format of persona files (JSON-schema ``arguments`` and
 ``workers/humans/proofreading.toml``).
 
 The :class:`Inbox` is the whole logic a terminal shows, and nothing else: jobs
-this person holds (claimed), the shared queue as others see it (``board``),
+this person holds (claimed), the shared queue as others see it (``board``: job
+states, where this key may list them; else ``queue``: how many jobs wait per
+capability), the jobs other people's inboxes announce they hold (``holders``),
 and the three things a person can do with a held job — :meth:`Inbox.answer`
 (validated: a refused answer leaves the job open), :meth:`Inbox.decline` (the
 submitter gets a :class:`Declined` failure) and :meth:`Inbox.release` (the job
@@ -43,6 +45,8 @@ MAX_HUMAN_FILE_BYTES = 256 * 1024
 #: A person's capability is bounded by the job's own deadline, not by a handler timeout.
 HUMAN_TIMEOUT_S = 7 * 86400.0
 MAX_REASON_CHARS = 1000
+#: How many (person, capability) announcements an inbox keeps track of at most.
+MAX_HOLDERS = 4096
 Source = Literal["durable", "live"]
 
 
@@ -240,7 +244,12 @@ class Job:
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the inbox: a job of mine, or one waiting in (or taken from) the shared queue."""
+    """One line of the inbox: a job of mine, one waiting in (or taken from) the shared queue, or a count.
+
+    A count row (``count`` > 0, no job id, no submitter) stands for jobs of one
+    capability that wait where job states are private: the queue says how
+    many, not which. A job taken from a peer's announcement has no submitter.
+    """
 
     job_id: str
     state: Literal["yours", "waiting", "taken"]
@@ -249,6 +258,22 @@ class Row:
     score: float | None
     deadline_ms: int | None
     who: str = ""
+    count: int = 0
+
+    @property
+    def key(self) -> str:
+        """What identifies the line: the job id, or (a count) the capability's queue."""
+        return self.job_id or f"queue:{self.capability}"
+
+
+@dataclass
+class Holder:
+    """What one other person's inbox last announced it holds of one capability (signature checked)."""
+
+    name: str
+    jobs: tuple[str, ...]
+    issued_ms: int
+    seen: float  # when it arrived (a monotonic clock): it lapses when the announcements stop
 
 
 Claimer = Callable[[str | None], Awaitable[Job | None]]
@@ -263,6 +288,11 @@ class Inbox:
         self.names = dict(names or {})
         self.mine: dict[str, Job] = {}
         self.board: dict[str, JobState] = {}
+        #: Jobs outstanding per capability, besides mine (queued or held by others), where this key
+        #: may not list job states; None where it may (then ``board`` lists the waiting jobs).
+        self.queue: dict[str, int] | None = None
+        #: (person key, capability) -> what that person's inbox announced it holds.
+        self.holders: dict[tuple[str, str], Holder] = {}
         self.scores: dict[str, float | None] = {}
         self.claimer: Claimer | None = None
         self.closed = False
@@ -290,15 +320,86 @@ class Inbox:
             Row(j.job_id, "yours", j.capability, j.submitter, j.score, j.deadline_ms)
             for j in sorted(self.mine.values(), key=lambda j: j.claimed_ms)
         ]
+        announced = self._announced()
+        taken: list[Row] = []
         others = [s for s in self.board.values() if s.job_id not in self.mine and s.capability in self.tasks]
         others.sort(key=lambda s: (s.state != "queued", s.job_id))
         for s in others:
-            if s.state == "queued":
-                rows.append(Row(s.job_id, "waiting", s.capability, s.submitter, self.scores.get(s.submitter), None))
+            score = self.scores.get(s.submitter)
+            if s.job_id in announced:  # its holder says so, whatever the state says yet
+                who = announced[s.job_id][1]
+                taken.append(Row(s.job_id, "taken", s.capability, s.submitter, score, None, who))
+            elif s.state == "queued":
+                rows.append(Row(s.job_id, "waiting", s.capability, s.submitter, score, None))
             elif s.worker != self.me:
                 who = s.detail.removeprefix("claimed by ") or f"{s.worker[:12]}…"
-                rows.append(Row(s.job_id, "taken", s.capability, s.submitter, self.scores.get(s.submitter), None, who))
-        return rows
+                taken.append(Row(s.job_id, "taken", s.capability, s.submitter, score, None, who))
+        shown = {row.job_id for row in taken}
+        for job_id, (capability, who) in sorted(announced.items()):
+            if job_id not in shown:
+                taken.append(Row(job_id, "taken", capability, "", None, None, who))
+        if self.queue is not None:
+            for capability in self.tasks:
+                held = sum(1 for cap, _ in announced.values() if cap == capability)
+                waiting = self.queue.get(capability, 0) - held
+                if waiting > 0:
+                    rows.append(Row("", "waiting", capability, "", None, None, count=waiting))
+        return rows + sorted(taken, key=lambda row: row.job_id)
+
+    def _announced(self) -> dict[str, tuple[str, str]]:
+        """Jobs other people's inboxes say they hold: job id -> (capability, who)."""
+        out: dict[str, tuple[str, str]] = {}
+        for (key, capability), holder in sorted(self.holders.items()):
+            who = f"{self.names.get(key) or holder.name} ({key[:8]}…)"
+            for job_id in holder.jobs:
+                if job_id not in self.mine:
+                    out.setdefault(job_id, (capability, who))
+        return out
+
+    def count(self, capability: str, outstanding: int) -> None:
+        """How many jobs of *capability* are outstanding besides mine (where job states are private)."""
+        if self.queue is None:
+            self.queue = {}
+        outstanding = max(outstanding, 0)
+        if self.queue.get(capability) != outstanding:
+            self.queue[capability] = outstanding
+            self.notify()
+
+    def hold(self, person: str, name: str, capability: str, jobs: tuple[str, ...], issued_ms: int, at: float) -> bool:
+        """Another person's inbox announces the jobs of *capability* it holds; False if ignored.
+
+        Mine, or of a capability I do not answer: ignored. So is an announcement
+        no newer than the last one of that person and capability (replayed or
+        out of order). It replaces the last one, and lapses (:meth:`lapse`)
+        when no newer one arrives.
+        """
+        if person == self.me or capability not in self.tasks:
+            return False
+        last = self.holders.get((person, capability))
+        if last is not None and issued_ms <= last.issued_ms:
+            return False
+        if last is None and len(self.holders) >= MAX_HOLDERS:
+            for where in [w for w, h in self.holders.items() if not h.jobs]:
+                del self.holders[where]  # memory stays bounded: the silent ones go first
+            if len(self.holders) >= MAX_HOLDERS:
+                return False
+        self.holders[(person, capability)] = Holder(name, jobs, issued_ms, at)
+        before = last or Holder("", (), 0, 0.0)
+        if before.jobs != jobs or (jobs and before.name != name):
+            self.notify()
+        return True
+
+    def lapse(self, before: float) -> None:
+        """Announcements that arrived before *before* (monotonic) no longer count: their inbox went quiet.
+
+        Their time stays known, so a replay of one is still refused.
+        """
+        changed = False
+        for holder in self.holders.values():
+            if holder.seen < before and holder.jobs:
+                holder.jobs, changed = (), True
+        if changed:
+            self.notify()
 
     def see(self, state: JobState) -> None:
         """A job state from the shared ``jobs`` bucket: waiting and taken jobs of my capabilities are shown."""

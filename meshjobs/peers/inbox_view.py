@@ -126,37 +126,41 @@ class InboxView(App[None]):
         table = self.query_one("#jobs", DataTable)
         keep = self._highlighted()
         rows = self.inbox.rows()
-        cells: list[tuple[str, ...]] = [
-            (
-                f"{row.state} by {plain(row.who)}" if row.who else row.state,
-                row.capability,
-                plain(self.inbox.display(row.submitter)),
-                score_text(row.score),
-                until(row.deadline_ms),
-                row.job_id,
-            )
-            for row in rows
-        ]
+        cells = [self._cells_of(row) for row in rows]
         if cells != self._cells:  # rebuilt only when something shown changed
             self._rows, self._cells = rows, cells
             table.clear()
             for row, line in zip(rows, cells, strict=True):
-                table.add_row(*line, key=row.job_id)
-            index = next((i for i, row in enumerate(rows) if row.job_id == keep), None)
+                table.add_row(*line, key=row.key)
+            index = next((i for i, row in enumerate(rows) if row.key == keep), None)
             if index is not None:
                 table.move_cursor(row=index, animate=False)
         self._show(self._highlighted())
+
+    def _cells_of(self, row: Row) -> tuple[str, ...]:
+        if row.count:  # jobs waiting where job states are private: how many, not whose
+            return (f"{row.count} waiting", row.capability, "-", "-", "-", "-")
+        known = bool(row.submitter)  # a job taken by someone, from their announcement, has no submitter
+        return (
+            f"{row.state} by {plain(row.who)}" if row.who else row.state,
+            row.capability,
+            plain(self.inbox.display(row.submitter)) if known else "-",
+            score_text(row.score) if known else "-",
+            until(row.deadline_ms),
+            row.job_id,
+        )
 
     def _highlighted(self) -> str | None:
         table = self.query_one("#jobs", DataTable)
         if not self._rows or table.cursor_row < 0 or table.cursor_row >= len(self._rows):
             return self.current
-        return self._rows[table.cursor_row].job_id
+        return self._rows[table.cursor_row].key
 
-    def _show(self, job_id: str | None) -> None:
-        job = self.inbox.mine.get(job_id) if job_id else None
+    def _show(self, key: str | None) -> None:
+        """Show the row *key* names (a held job's id: its detail and its answer in the editor)."""
+        job = self.inbox.mine.get(key) if key else None
         editor = self.query_one("#answer", TextArea)
-        self.current = job_id
+        self.current = key
         loaded = job.job_id if job is not None else None
         if loaded != self._loaded:  # the editor holds a held job's text, and only that job's
             self._keep_text()
@@ -167,13 +171,18 @@ class InboxView(App[None]):
         if job is not None:
             detail.update(self._describe(job))
             return
-        row = next((r for r in self._rows if r.job_id == job_id), None)
+        row = next((r for r in self._rows if r.key == key), None)
+        claim = "Press c to claim the next waiting job of this capability."
         if row is None:
             detail.update(Text("Nothing held. Press c to claim the next waiting job."))
+        elif row.count:
+            jobs = "1 job" if row.count == 1 else f"{row.count} jobs"
+            private = "job states are private to their submitters on this mesh: you see a job once you claim it"
+            detail.update(Text(f"{jobs} of {row.capability} waiting in the queue ({private}).\n{claim}"))
         else:
             state = "taken by " + plain(row.who) if row.state == "taken" else "waiting in the queue"
-            detail.update(Text(f"{row.capability} from {plain(self.inbox.display(row.submitter))}: {state}.\n"
-                               "Press c to claim the next waiting job of this capability."))  # fmt: skip
+            source = f" from {plain(self.inbox.display(row.submitter))}" if row.submitter else ""
+            detail.update(Text(f"{row.capability}{source}: {state}.\n{claim}"))
 
     def _describe(self, job: Job) -> Text:
         task = self.inbox.tasks[job.capability]
@@ -209,7 +218,10 @@ class InboxView(App[None]):
     # -- acting ---------------------------------------------------------------------------
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        self._show(event.row_key.value)
+        # The row highlighted now, not the event's: a rebuild or a claim may have moved the cursor
+        # since it was posted, and showing a row that is no longer highlighted would take the
+        # editor away from the job just claimed (keys typed into it would be lost).
+        self._show(self._highlighted())
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self._show(event.row_key.value)
@@ -217,7 +229,7 @@ class InboxView(App[None]):
             self.query_one("#answer", TextArea).focus()
 
     def action_claim(self) -> None:
-        row = next((r for r in self._rows if r.job_id == self._highlighted()), None)
+        row = next((r for r in self._rows if r.key == self._highlighted()), None)
         capability = row.capability if row is not None and row.state != "yours" else None
         self.say(f"claiming the next {capability or 'waiting'} job…")
         self.run_worker(self._claim(capability), exclusive=True, group="claim")
@@ -232,7 +244,7 @@ class InboxView(App[None]):
             self.say(f"nothing waiting{' for ' + capability if capability else ''}")
             return
         self.refresh_jobs()
-        index = next((i for i, row in enumerate(self._rows) if row.job_id == job.job_id), None)
+        index = next((i for i, row in enumerate(self._rows) if row.key == job.job_id), None)
         if index is not None:
             self.query_one("#jobs", DataTable).move_cursor(row=index, animate=False)
         self._show(job.job_id)

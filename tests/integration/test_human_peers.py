@@ -1,7 +1,8 @@
 """Human and hybrid peers for real: `python -m meshjobs human|hybrid` in pseudo-terminals, driven by keys.
 
 Each person is a real inbox process (pexpect, a 140x40 pseudo-terminal) on the
-session's embedded broker; submitters queue durable jobs (in-process, and once
+session's embedded broker (and once on a closed one, where job states are
+private); submitters queue durable jobs (in-process, and once
 through `meshjobs submit --durable --wait`) and verify the signed results. The
 persona of the hybrid test talks to the local OpenAI-compatible stand-in.
 """
@@ -14,18 +15,22 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pexpect
 import pytest
 
+from meshjobs._nats import connect
+from meshjobs.catalog import MESH_STATE
 from meshjobs.client import Client
 from meshjobs.durable import Durable
 from meshjobs.identity import IDENTITY_FILE, Identity, load_identity, save_identity
-from meshjobs.infra.broker import NatsServer
+from meshjobs.infra.broker import NatsServer, closed_roles, embedded
 from meshjobs.peers.hybrid import check_hybrid
 from meshjobs.peers.openai_standin import OpenAIStandin
+from meshjobs.state import provision
 from tests.conftest import REPO, cli_env
 from tests.unit.test_human import FILE
 
@@ -102,20 +107,29 @@ def person_home(path: Path, *trusted: str) -> Path:
     return path
 
 
-@pytest.fixture
-def people(broker: NatsServer, tmp_path: Path, identity: Identity) -> Iterator[Callable[..., Terminal]]:
-    """Start inbox processes; every one is stopped at teardown."""
+@contextmanager
+def inboxes(url: str, tmp_path: Path, identity: Identity) -> Iterator[Callable[..., Terminal]]:
+    """Start inbox processes on the broker at *url*; every one is stopped on the way out."""
     started: list[Terminal] = []
 
     def start(name: str, *args: str, home: Path | None = None) -> Terminal:
         home = home or person_home(tmp_path / name, identity.public_key)
-        term = Terminal([*args, "--name", name], home, broker.url, tmp_path / f"{name}-{len(started)}.screen")
+        term = Terminal([*args, "--name", name], home, url, tmp_path / f"{name}-{len(started)}.screen")
         started.append(term)
         return term
 
-    yield start
-    for term in started:
-        term.stop()
+    try:
+        yield start
+    finally:
+        for term in started:
+            term.stop()
+
+
+@pytest.fixture
+def people(broker: NatsServer, tmp_path: Path, identity: Identity) -> Iterator[Callable[..., Terminal]]:
+    """Start inbox processes on the session's (open) broker; every one is stopped at teardown."""
+    with inboxes(broker.url, tmp_path, identity) as start:
+        yield start
 
 
 @pytest.fixture
@@ -195,6 +209,53 @@ async def test_closing_an_inbox_mid_job_loses_nothing(
     again.expect(f"answered {job}")
     result, _ = await durable.wait(job, 10)
     assert (result.status, result.value, result.worker) == ("ok", 42, alice.key)
+
+
+@pytest.fixture
+async def closed(tmp_path: Path, identity: Identity) -> AsyncIterator[tuple[NatsServer, dict[str, Path]]]:
+    """A closed broker, as `meshjobs up --closed --admit KEY` runs it: an operator provisions mesh state;
+    the submitter (*identity*), alice and bob are admitted as ordinary peers (worker and submitter)."""
+    homes = {name: person_home(tmp_path / name, identity.public_key) for name in ("alice", "bob")}
+    peers = [identity.public_key, *(load_identity(home / IDENTITY_FILE).public_key for home in homes.values())]
+    operator = Identity.generate()
+    server = embedded(tmp_path / "closed", admitted=closed_roles(operator.public_key, peers)).start()
+    try:
+        nc = await connect(server.url, operator)
+        try:
+            await provision(nc, MESH_STATE)
+        finally:
+            await nc.close()
+        yield server, homes
+    finally:
+        server.stop()
+
+
+async def test_on_a_closed_mesh_inboxes_count_waiting_jobs_and_see_who_took_one(
+    closed: tuple[NatsServer, dict[str, Path]], tmp_path: Path, identity: Identity
+) -> None:
+    """Job states are private there (no peer may list the jobs bucket): each inbox counts what waits on the
+    capability's consumer, and learns who took a job from the other inboxes' signed announcements."""
+    server, homes = closed
+    async with await Client.connect(server.url, identity) as client:
+        durable = await Durable.open(client.nc)
+        with inboxes(server.url, tmp_path, identity) as start:
+            alice = start("alice", "human", "tests.human_app:app", home=homes["alice"])
+            bob = start("bob", "human", "tests.human_app:app", home=homes["bob"])
+            job = await durable.submit(identity, "people.add", {"a": 40, "b": 2})
+            alice.expect("1 waiting")
+            bob.expect("1 waiting")
+            alice.keys("c")
+            alice.expect(f"claimed {job}")
+            bob.expect("taken by alice", timeout=10)  # one claims, the others see it taken
+            alice.keys("42" + CTRL_S)
+            alice.expect(f"answered {job}")
+            result, _ = await durable.wait(job, 10)  # signed by alice, who holds the claim
+            assert (result.status, result.value, result.worker) == ("ok", 42, alice.key)
+            bob.keys("c")
+            bob.expect("nothing waiting")
+    for home in homes.values():  # the refused watch failed at once, and is no warning
+        log = home / "inbox.log"
+        assert "did not answer" not in (log.read_text() if log.exists() else "")
 
 
 PERSONA = """

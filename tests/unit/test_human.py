@@ -13,6 +13,7 @@ from meshjobs.durable import JobState
 from meshjobs.envelope import open_envelope, open_result, seal_envelope
 from meshjobs.errors import Rejected, UsageError
 from meshjobs.identity import Identity
+from meshjobs.peers.desk import Holding, open_holding, seal_holding
 from meshjobs.peers.human import (
     HumanFileError,
     HumanPeer,
@@ -148,6 +149,54 @@ async def test_the_board_shows_waiting_and_taken_jobs_of_my_capabilities() -> No
     assert inbox.display(submitter).startswith("sam (US")
     inbox.see(JobState("j2", "done", "people.add", submitter, "d", worker=other))
     assert [r.job_id for r in inbox.rows()] == ["j1"]
+
+
+async def test_where_job_states_are_private_the_queue_is_counted_and_holders_are_announced() -> None:
+    me, bob, carol = ("U" + c * 55 for c in "MBC")
+    inbox = Inbox(tasks_from_app(people), me=me, names={carol: "carol"})
+    inbox.count("people.add", 3)  # outstanding on the consumer: 3 (besides mine)
+    assert [(r.state, r.capability, r.count, r.key) for r in inbox.rows()] == [
+        ("waiting", "people.add", 3, "queue:people.add")
+    ]
+    assert inbox.hold(bob, "bob", "people.add", ("job-b-0001",), 100, at=10.0)
+    assert not inbox.hold(bob, "bob", "people.add", ("job-b-0009",), 100, at=10.5)  # not newer: a replay
+    assert not inbox.hold(me, "me", "people.add", ("job-m-0001",), 101, at=10.0)  # my own
+    assert not inbox.hold(bob, "bob", "other.cap", ("job-o-0001",), 101, at=10.0)  # not mine to answer
+    assert inbox.hold(carol, "mallory", "people.title", ("job-c-0001",), 5, at=11.0)  # the trust file names carol
+    shown = [
+        ("waiting", "people.add", 2, "", ""),  # bob holds one of the three
+        ("taken", "people.add", 0, "job-b-0001", f"bob ({bob[:8]}…)"),
+        ("taken", "people.title", 0, "job-c-0001", f"carol ({carol[:8]}…)"),
+    ]
+    assert [(r.state, r.capability, r.count, r.job_id, r.who) for r in inbox.rows()] == shown
+    inbox.lapse(10.5)  # bob's inbox went quiet (a terminal killed outright): carol's still counts
+    assert [(r.state, r.count, r.job_id) for r in inbox.rows()] == [("waiting", 3, ""), ("taken", 0, "job-c-0001")]
+    assert not inbox.hold(bob, "bob", "people.add", ("job-b-0001",), 100, at=12.0)  # its replay stays refused
+    assert inbox.hold(bob, "bob", "people.add", (), 102, at=12.0)  # answered: nothing held
+    inbox.count("people.add", 0)
+    assert [r.job_id for r in inbox.rows()] == ["job-c-0001"]
+
+    # Where the bucket is listed (an open broker), an announcement shows a job queued there as taken.
+    listed = Inbox(tasks_from_app(people), me=me)
+    listed.see(JobState("job-b-0001", "queued", "people.add", carol, "d"))
+    listed.see(JobState("job-q-0001", "queued", "people.add", carol, "d"))
+    listed.hold(bob, "bob", "people.add", ("job-b-0001",), 1, at=1.0)
+    assert [(r.job_id, r.state) for r in listed.rows()] == [("job-q-0001", "waiting"), ("job-b-0001", "taken")]
+
+
+def test_holdings_are_signed_by_the_person_they_name() -> None:
+    person = Identity.generate()
+    holding = Holding(
+        version=1, capability="people.add", person=person.public_key, name="alice", jobs=["job-0001-abc"], issued_at=1
+    )
+    frame = seal_holding(person, holding)
+    assert open_holding(frame) == holding
+    with pytest.raises(Rejected):
+        open_holding(frame.replace(b'"alice"', b'"mall0"'))  # the name is signed too
+    with pytest.raises(Rejected):
+        open_holding(seal_holding(Identity.generate(), holding))  # signed by another key than the one it names
+    with pytest.raises(Rejected):
+        open_result(b"MJ1R" + frame[4:])  # a holding's signature never passes for a result's
 
 
 async def test_claim_needs_a_queue_and_a_known_capability() -> None:

@@ -8,6 +8,7 @@ execution exactly as it would on the mesh.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from textual.widgets import DataTable, Static, TextArea
@@ -80,6 +81,21 @@ async def test_the_view_claims_refuses_bad_input_answers_declines_and_hands_back
         await pilot.pause(0.2)
         assert "nothing waiting" in status(view)
         assert peer.inbox.mine == {}
+
+
+async def test_the_view_counts_private_jobs_and_names_who_took_one_escaped() -> None:
+    peer = HumanPeer("people", tasks_from_app(people), inbox=None)
+    bob = Identity.generate().public_key
+    peer.inbox.count("people.add", 3)
+    peer.inbox.hold(bob, "bob\x1b[2J", "people.add", ("job-taken-0001",), 1, at=time.monotonic())
+    view = InboxView(peer.inbox, "test")
+    async with view.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        table = view.query_one("#jobs", DataTable)
+        assert [str(cell) for cell in table.get_row_at(0)] == ["2 waiting", "people.add", "-", "-", "-", "-"]
+        taken = [f"taken by bob\\x1b[2J ({bob[:8]}…)", "people.add", "-", "-", "-", "job-taken-0001"]
+        assert [str(cell) for cell in table.get_row_at(1)] == taken
+        assert "2 jobs of people.add waiting in the queue" in str(view.query_one("#detail", Static).render())
 
 
 def test_peer_text_cannot_restyle_the_screen() -> None:
