@@ -19,6 +19,7 @@ import pytest
 from meshjobs.client import Client
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.infra.broker import NatsServer, embedded
+from tests.closed_mesh import ClosedMesh, Site, start_closed_mesh, stop_closed_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,6 +32,28 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def closed_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClosedMesh]:
+    """A closed mesh (two one-node hub regions and a community leaf, tests/closed_mesh.py), started on first use.
+
+    Shared by every attack test of the session; its servers are stopped by PID at the end.
+    """
+    mesh, local = start_closed_mesh(tmp_path_factory.mktemp("closed"))
+    try:
+        yield mesh
+    finally:
+        stop_closed_mesh(local)
+
+
+@pytest.fixture
+def site(request: pytest.FixtureRequest, where: str) -> Site:
+    """Where an attack test runs (its module parametrizes ``where``): "open", or the closed mesh's "hub" or "leaf"."""
+    if where == "open":
+        return Site.open(request.getfixturevalue("broker").url)
+    mesh: ClosedMesh = request.getfixturevalue("closed_mesh")
+    return mesh.site(where)
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
 """Signed discovery manifests and attested kinds and regions, on a real broker.
 
-Discovery entries are manifests signed by the peer's key: a forged or
-replayed answer is not a peer. Kind and region count for routing only where
-an operator of the submitter's trust policy attested them: ``region`` is a
-residency guarantee (fallbacks and verification included), ``prefer_region``
+Discovery entries are manifests signed by the peer's key: a forged,
+replayed or stale answer is not a peer (on the open broker, and on a closed
+mesh from its hub and its leaf, where the forger is an admitted peer). Kind
+and region count for routing only where an operator of the submitter's trust
+policy attested them: ``region`` is a residency guarantee (fallbacks and
+verification included; a forged attestation buys none), ``prefer_region``
 keeps work local and falls back elsewhere, ``max_price`` filters on the
 signed price, and escalation walks attested kinds only.
 """
@@ -20,6 +22,8 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from meshjobs import (
     App,
@@ -34,10 +38,12 @@ from meshjobs import (
     WorkerConfig,
 )
 from meshjobs.discovery import SERVICE_NAME
+from meshjobs.envelope import MANIFEST_MAGIC, now_ms, seal_statement
 from meshjobs.identity import IDENTITY_FILE, Identity, load_identity, save_identity
 from meshjobs.infra.broker import NatsServer
-from meshjobs.manifest import attest, open_attestation, seal_manifest
+from meshjobs.manifest import Manifest, attest, open_attestation, seal_manifest
 from meshjobs.trust.policy import TRUST_FILE
+from tests.closed_mesh import Site, refused
 from tests.conftest import cli_env, meshjobs
 
 pytestmark = pytest.mark.integration
@@ -119,37 +125,183 @@ async def test_discovery_shows_attested_and_claimed_apart(mesh: Mesh) -> None:
         assert all(not p.attested for p in await client.peers(timeout=0.5, capability=mesh.cap))
 
 
+async def forged_answers_are_not_peers(
+    nc: NATS,
+    url: str,
+    victim: Worker,
+    rogue: Identity,
+    submitter: Identity,
+    policy: TrustPolicy,
+    cap: str,
+    extra: tuple[dict[str, Any], ...] = (),
+) -> list[Msg]:
+    """A rogue answers discovery as *victim*: without a manifest, with its replayed manifest, with its own.
+
+    *extra* answers are added to the forgeries. Returns the requests the rogue answered.
+    """
+    real = json.loads((await nc.request(f"$SRV.INFO.{SERVICE_NAME}.{victim.instance_id}", b"", timeout=2)).data)
+    # The rogue's own manifest claims the victim's capabilities; the answer names the victim as the peer.
+    own = seal_manifest(rogue, {"instance": "fake-3", "kind": "system", "capabilities": [{"name": cap}]})
+    forged_manifest = real["metadata"]["manifest"]
+    answers = [
+        {**real, "id": "fake-1", "metadata": {k: v for k, v in real["metadata"].items() if k != "manifest"}},
+        {**real, "id": "fake-2"},  # the victim's own signed manifest, replayed by another instance
+        {**real, "id": "fake-3", "metadata": {**real["metadata"], "manifest": own.decode()}},
+        {**real, "id": "fake-4", "metadata": {**real["metadata"], "manifest": forged_manifest[:-3] + '"}}'}},
+        *extra,
+    ]
+    answered: list[Msg] = []
+
+    async def answer(msg: Msg) -> None:
+        for reply in answers:
+            await nc.publish(msg.reply, json.dumps(reply).encode())
+        answered.append(msg)
+
+    await nc.subscribe(f"$SRV.INFO.{SERVICE_NAME}", cb=answer)
+    await nc.flush()
+    async with await Client.connect(url, submitter) as client:
+        found = [p for p in await client.peers(timeout=0.5) if p.peer in (victim.peer, rogue.public_key)]
+        assert [(p.peer, p.instance) for p in found] == [(victim.peer, victim.instance_id)]
+        async with await Submitter.open(client, policy) as routed:
+            done = await routed.submit(cap, {"n": 2}, SubmitOptions(peer=victim.peer, timeout=10))
+            assert done.outcome.value == 4 and done.outcome.worker == victim.peer
+    return answered
+
+
 async def test_forged_and_replayed_discovery_answers_are_not_peers(mesh: Mesh) -> None:
     """A rogue answers discovery as eu1: without a manifest, with eu1's replayed manifest, with its own."""
-    victim = mesh.workers["eu1"]
-    rogue = Identity.generate()
     nc = await nats.connect(mesh.url)
     try:
-        real = json.loads((await nc.request(f"$SRV.INFO.{SERVICE_NAME}.{victim.instance_id}", b"", timeout=2)).data)
-        # The rogue's own manifest claims eu1's capabilities; the answer names eu1 as the peer.
-        own = seal_manifest(rogue, {"instance": "fake-3", "kind": "system", "capabilities": [{"name": mesh.cap}]})
-        forged_manifest = real["metadata"]["manifest"]
-        answers = [
-            {**real, "id": "fake-1", "metadata": {k: v for k, v in real["metadata"].items() if k != "manifest"}},
-            {**real, "id": "fake-2"},  # eu1's own signed manifest, replayed by another instance
-            {**real, "id": "fake-3", "metadata": {**real["metadata"], "manifest": own.decode()}},
-            {**real, "id": "fake-4", "metadata": {**real["metadata"], "manifest": forged_manifest[:-3] + '"}}'}},
-        ]
-
-        async def answer(msg: nats.aio.msg.Msg) -> None:
-            for reply in answers:
-                await nc.publish(msg.reply, json.dumps(reply).encode())
-
-        await nc.subscribe(f"$SRV.INFO.{SERVICE_NAME}", cb=answer)
-        await nc.flush()
-        async with await Client.connect(mesh.url, mesh.submitter) as client:
-            found = [p for p in await client.peers(timeout=0.5) if p.peer in (victim.peer, rogue.public_key)]
-            assert [(p.peer, p.instance) for p in found] == [(victim.peer, victim.instance_id)]
-            async with await Submitter.open(client, mesh.policy()) as submitter:
-                done = await submitter.submit(mesh.cap, {"n": 2}, SubmitOptions(peer=victim.peer, timeout=10))
-                assert done.outcome.value == 4 and done.outcome.worker == victim.peer
+        victim = mesh.workers["eu1"]
+        answered = await forged_answers_are_not_peers(
+            nc, mesh.url, victim, Identity.generate(), mesh.submitter, mesh.policy(), mesh.cap
+        )
+        assert answered
     finally:
         await nc.close()
+
+
+# -- the same on a closed mesh, from its hub and its leaf ---------------------------------
+
+
+@dataclass
+class Closed:
+    """Workers on the closed mesh (tests/closed_mesh.py) for one test; drained and closed at teardown."""
+
+    site: Site
+    cap: str = field(default_factory=lambda: f"m{secrets.token_hex(4)}.double")
+    runs: dict[str, list[int]] = field(default_factory=dict)
+    started: list[tuple[Worker, NATS]] = field(default_factory=list)
+
+    def policy(self) -> TrustPolicy:
+        return TrustPolicy(operators=frozenset({self.site.ids["op"].public_key}))
+
+    async def worker(self, name: str, url: str, attested: dict[str, str] | None = None) -> Worker:
+        """Pool identity *name* serving the capability, claiming region eu; attested by the operator if told."""
+        app = App(name, kind="system")
+        runs = self.runs.setdefault(name, [])
+
+        @app.capability(self.cap, deterministic=True, idempotent=True)
+        async def double(n: int) -> int:
+            runs.append(n)
+            return 2 * n
+
+        identity, op = self.site.ids[name], self.site.ids["op"]
+        attestations = (attest(op, identity.public_key, **attested),) if attested else ()
+        config = WorkerConfig(region="eu", attestations=attestations, name=name, durable=False)
+        worker = Worker(app, identity, TrustPolicy(frozenset({self.site.ids["sub"].public_key})), config)
+        nc = await self.site.connect(name, url)
+        await worker.start(nc)
+        self.started.append((worker, nc))
+        return worker
+
+    async def seen(self, *workers: Worker, timeout: float = 10.0) -> None:
+        """Until the submitter discovers *workers* (interest crosses the leaf link)."""
+        async with await Client.connect(self.site.url, self.site.ids["sub"]) as client:
+            deadline = time.monotonic() + timeout
+            while {p.peer for p in await client.peers(timeout=0.3, capability=self.cap)} < {w.peer for w in workers}:
+                assert time.monotonic() < deadline, "the workers never appeared"
+
+
+@pytest.fixture
+async def closed(site: Site) -> AsyncIterator[Closed]:
+    mesh = Closed(site)
+    try:
+        yield mesh
+    finally:
+        for worker, nc in mesh.started:
+            if not worker.draining:
+                await worker.drain()
+            await nc.close()
+
+
+@pytest.mark.parametrize("where", ["hub", "leaf"])
+async def test_forged_replayed_and_stale_discovery_answers_are_not_peers_on_a_closed_mesh(closed: Closed) -> None:
+    """The admitted attacker forges discovery answers for a worker across the leaf link, and replays a stale one."""
+    site = closed.site
+    victim = await closed.worker("w1", site.other, {"kind": "system", "region": "eu"})
+    await closed.seen(victim)
+    # A manifest the victim signed eleven minutes ago, for an instance that has gone since.
+    old = Manifest(
+        peer=victim.peer, instance="old-1", kind="system", capabilities=[{"name": closed.cap}],
+        issued_at=now_ms() - 11 * 60_000,
+    )  # fmt: skip
+    stale = seal_statement(MANIFEST_MAGIC, site.ids["w1"], old).decode()
+    errors: list[str] = []
+    nc = await site.raw("attacker", errors)
+    try:
+        real = json.loads((await nc.request(f"$SRV.INFO.{SERVICE_NAME}.{victim.instance_id}", b"", timeout=2)).data)
+        replayed = {**real, "id": "old-1", "metadata": {**real["metadata"], "manifest": stale}}
+        answered = await forged_answers_are_not_peers(
+            nc, site.url, victim, site.ids["attacker"], site.ids["sub"], closed.policy(), closed.cap, (replayed,)
+        )
+        # The broker let the rogue answer (so the forgeries reached the submitter): they failed on their own.
+        assert answered and not refused(errors), errors
+    finally:
+        await nc.close()
+    assert closed.runs["w1"] == [2]
+
+
+#: How the attacker's worker backs its claim to region eu.
+FORGED_ATTESTATIONS = {
+    "an operator's attestation of another peer, copied": lambda site: attest(
+        site.ids["op"], site.ids["w1"].public_key, kind="system", region="eu"
+    ),
+    "an attestation the attacker signed itself": lambda site: attest(
+        site.ids["attacker"], site.ids["attacker"].public_key, kind="system", region="eu"
+    ),
+}
+
+
+@pytest.mark.parametrize("where", ["hub", "leaf"])
+@pytest.mark.parametrize("how", list(FORGED_ATTESTATIONS))
+async def test_a_forged_attestation_buys_no_residency_on_a_closed_mesh(closed: Closed, how: str) -> None:
+    """The attacker runs a real worker claiming eu, its manifest carrying a forged attestation.
+
+    It trusts the submitter and would run the job: only the attestation check
+    keeps a ``region="eu"`` job (a residency guarantee) away from it.
+    """
+    site = closed.site
+    victim = await closed.worker("w1", site.other, {"kind": "system", "region": "eu"})
+    rogue = await closed.worker("attacker", site.url)
+    rogue._attestations = (FORGED_ATTESTATIONS[how](site).decode(),)  # as a modified worker would carry it
+    await closed.seen(victim, rogue)
+    eu = SubmitOptions(constraints=Constraints(region="eu"), verify="off", timeout=10)
+    async with await Client.connect(site.url, site.ids["sub"]) as client:
+        seen = {
+            p.peer: p
+            for p in await client.peers(timeout=0.5, capability=closed.cap, operators=closed.policy().operators)
+        }
+        assert seen[rogue.peer].region == "eu" and not seen[rogue.peer].is_attested("region")  # a claim only
+        assert seen[victim.peer].is_attested("region")
+        async with await Submitter.open(client, closed.policy()) as submitter:
+            for n in range(8):
+                done = await submitter.submit(closed.cap, {"n": n}, eu)
+                assert done.outcome.worker == victim.peer and done.outcome.value == 2 * n
+            # Without the constraint the attacker's worker is an ordinary candidate: it could have been chosen.
+            anywhere = SubmitOptions(peer=rogue.peer, verify="off", timeout=10)
+            assert (await submitter.submit(closed.cap, {"n": 50}, anywhere)).outcome.worker == rogue.peer
+    assert closed.runs["attacker"] == [50] and len(closed.runs["w1"]) == 8
 
 
 async def test_region_is_a_residency_guarantee(mesh: Mesh) -> None:

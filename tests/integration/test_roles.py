@@ -1,12 +1,12 @@
 """Roles in a closed mesh: an ordinary admitted key attacks from the hub and from a leaf, and fails.
 
-One small closed topology for the module (two one-node hub regions with the
-"hub" JetStream domain, one community leaf), mesh state provisioned by the
-operator, and a real worker process on the leaf. The attacker is admitted on
-both servers as an ordinary peer, trusted by no worker and no operator. Every
-attack must fail with a permissions violation; the same attack against an
-open broker must succeed (so each case can fail); afterwards the mesh still
-serves signed work, live and durable.
+The session's closed topology (tests/closed_mesh.py: two one-node hub regions
+with the "hub" JetStream domain, one community leaf), mesh state provisioned
+by the operator, and a real worker process on the leaf for this module. The
+attacker is admitted on both servers as an ordinary peer, trusted by no
+worker and no operator. Every attack must fail with a permissions violation;
+the same attack against an open broker must succeed (so each case can fail);
+afterwards the mesh still serves signed work, live and durable.
 """
 
 from __future__ import annotations
@@ -39,56 +39,21 @@ from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.infra import natsconf
 from meshjobs.infra.broker import NatsServer, closed_roles, embedded, find_nats_server
 from meshjobs.infra.credentials import ensure_credentials
-from meshjobs.infra.mesh import LocalMesh
-from meshjobs.infra.mesh import provision as provision_mesh
 from meshjobs.infra.topology import Topology
 from meshjobs.jobrecords import JobKeys
 from meshjobs.state import BucketSpec, StateSpec, StreamSpec, open_bucket, provision
 from meshjobs.trust.quarantine import issue_order
+from tests.closed_mesh import HUB, LEAF, POOL, ClosedMesh, closed_topology, raw_connect
 from tests.conftest import REPO, WorkerProcess, cli_env, wait_for_instances
-from tests.integration.test_federation import free_ports
 
 pytestmark = pytest.mark.integration
 
 BUCKETS = ("reputation", "quarantine", "job_results", "jobs", "job_claims", "claims")
 STREAMS = ["JOBS", "JOBS_DLQ", "EVIDENCE", *(f"KV_{b}" for b in BUCKETS)]
 DURABLE = consumer_name("demo.add")  # the worker's durable consumer on JOBS
-NAMES = ("op", "trust", "user", "worker", "attacker")
 
 
 # -- the closed mesh ----------------------------------------------------------------
-
-
-def closed_topology(ids: dict[str, Identity]) -> Topology:
-    """Two one-node regions (a JetStream meta group needs more than one server) and one community leaf."""
-    ports = free_ports(12)
-    key = {name: ids[name].public_key for name in NAMES}
-    fields = ("client_port", "cluster_port", "gateway_port", "leaf_port", "monitor_port")
-    return Topology.model_validate(
-        {
-            "mesh": {
-                "name": "roles",
-                "state_region": "north",
-                "state_replicas": 1,
-                "peers": [key["user"], key["attacker"]],
-                "operators": [key["op"]],
-                "trust_services": [key["trust"]],
-            },
-            "region": [
-                {"name": region, "nodes": [{"name": f"{region[0]}-1", **{f: next(ports) for f in fields}}]}
-                for region in ("north", "south")
-            ],
-            "community": [
-                {
-                    "name": "club",
-                    "region": "north",
-                    "client_port": next(ports),
-                    "monitor_port": next(ports),
-                    "peers": [key["worker"], key["attacker"]],
-                }
-            ],
-        }
-    )
 
 
 @dataclass
@@ -98,38 +63,31 @@ class Closed:
     worker: WorkerProcess
 
     def url(self, where: str) -> str:
-        return self.topology.client_url("n-1" if where == "hub" else "club")
+        return self.topology.client_url(HUB if where == "hub" else LEAF)
 
 
 @pytest.fixture(scope="module")
-def closed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Closed]:
+def closed(closed_mesh: ClosedMesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Closed]:
+    """The session's closed mesh (tests/closed_mesh.py), with a real worker process on its leaf for this module."""
     root = tmp_path_factory.mktemp("roles")
-    ids = {name: Identity.generate() for name in NAMES}
-    topology = closed_topology(ids)
-    mesh = LocalMesh(topology, root / "state", detach=False)
-    mesh.up(timeout=60)
-    worker = None
+    topology, ids = closed_mesh.topology, closed_mesh.ids
+    home = root / "worker"
+    save_identity(ids["worker"], home / IDENTITY_FILE)
+    (home / "trust.toml").write_text(
+        f'[[peer]]\nkey = "{ids["user"].public_key}"\n[[operator]]\nkey = "{ids["op"].public_key}"\n'
+    )
+    worker = WorkerProcess.launch(
+        "workers.demo:app", home, topology.client_url(LEAF), root / "worker.log", "--community", LEAF
+    )
     try:
-        asyncio.run(provision_mesh(topology, ids["op"], MESH_STATE))
-        home = root / "worker"
-        save_identity(ids["worker"], home / IDENTITY_FILE)
-        (home / "trust.toml").write_text(
-            f'[[peer]]\nkey = "{ids["user"].public_key}"\n[[operator]]\nkey = "{ids["op"].public_key}"\n'
-        )
-        worker = WorkerProcess.launch(
-            "workers.demo:app", home, topology.client_url("club"), root / "worker.log", "--community", "club"
-        )
-        asyncio.run(wait_for_instances(topology.client_url("n-1"), ids["user"], 1, "demo.add"))
-        asyncio.run(_wait_for_consumer(topology.client_url("n-1"), ids["op"]))
+        asyncio.run(wait_for_instances(topology.client_url(HUB), ids["user"], 1, "demo.add"))
+        asyncio.run(_wait_for_consumer(topology.client_url(HUB), ids["op"]))
         yield Closed(topology, ids, worker)
     finally:
-        if worker is not None:
-            try:
-                worker.terminate(timeout=15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-        for server in mesh.started.values():
-            server.stop()
+        try:
+            worker.terminate(timeout=15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
 
 async def _wait_for_consumer(url: str, op: Identity, timeout: float = 30) -> None:
@@ -354,23 +312,10 @@ ATTACKS: dict[str, tuple[Callable[[Env], Awaitable[bool]], str]] = {
 }
 
 
-async def _raw(url: str, identity: Identity | None, errors: list[str] | None = None) -> NATS:
-    """A plain nats-py connection, as an attacker would make it; async errors are collected."""
-
-    async def on_error(exc: Exception) -> None:
-        if errors is not None:
-            errors.append(str(exc).lower())
-
-    options = {"allow_reconnect": False, "connect_timeout": 2, "error_cb": on_error}
-    if identity is not None:
-        options.update(nkeys_seed_str=identity.seed_text(), inbox_prefix=f"_INBOX.{identity.public_key}")
-    return await nats.connect(url, **options)
-
-
 async def closed_env(mesh: Closed, where: str) -> Env:
     errors: list[str] = []
-    attacker = await _raw(mesh.url(where), mesh.ids["attacker"], errors)
-    victim = await _raw(mesh.url("hub"), mesh.ids["user"])
+    attacker = await raw_connect(mesh.url(where), mesh.ids["attacker"], errors)
+    victim = await raw_connect(mesh.url("hub"), mesh.ids["user"])
     user = mesh.ids["user"].public_key
 
     async def ping() -> None:  # the worker answers discovery into the victim's inbox
@@ -408,7 +353,7 @@ def open_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 async def test_the_same_attack_works_on_an_open_broker(open_broker: NatsServer, name: str) -> None:
     attack, _ = ATTACKS[name]
     victim_id, worker_key = Identity.generate(), Identity.generate().public_key
-    setup = await _raw(open_broker.url, None)
+    setup = await raw_connect(open_broker.url, None)
     try:
         await provision(setup, MESH_STATE)  # again: an earlier case may have deleted some
         js = setup.jetstream(domain="hub")
@@ -417,7 +362,7 @@ async def test_the_same_attack_works_on_an_open_broker(open_broker: NatsServer, 
         )
     finally:
         await setup.close()
-    attacker, victim = await _raw(open_broker.url, None), await _raw(open_broker.url, None)
+    attacker, victim = await raw_connect(open_broker.url, None), await raw_connect(open_broker.url, None)
     victim_key = victim_id.public_key
 
     async def to_inbox() -> None:
@@ -535,7 +480,7 @@ async def test_a_result_signed_by_another_key_is_never_accepted(closed: Closed, 
         opened = open_result(forged)
         assert (opened.job_id, opened.request_digest, opened.value) == (job, keys.digest, 666)
         errors: list[str] = []
-        spy = await _raw(closed.url(where), attacker, errors)
+        spy = await raw_connect(closed.url(where), attacker, errors)
         nc = await connect(closed.url(where), attacker)
         try:
             # The digest was read from the world-readable state: now even its exact key is refused.
@@ -676,7 +621,7 @@ def test_role_lists_name_every_stream_and_bucket_of_mesh_state() -> None:
 
 
 def test_every_rendered_config_of_a_populated_topology_is_valid(tmp_path: Path) -> None:
-    ids = {name: Identity.generate() for name in NAMES}
+    ids = {name: Identity.generate() for name in POOL}
     data = closed_topology(ids).model_dump()
     data["mesh"]["workers"] = [Identity.generate().public_key]
     data["community"][0]["submitters"] = [Identity.generate().public_key]
