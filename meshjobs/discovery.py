@@ -258,7 +258,10 @@ async def collect(nc: NATS, subject: str, *, timeout: float = 1.0, stall: float 
             if isinstance(reply, dict):
                 replies.append(reply)
     finally:
-        await sub.unsubscribe()
+        try:
+            await sub.unsubscribe()
+        except nats.errors.ConnectionClosedError:
+            pass  # closed while we listened: nothing left to stop
     return replies
 
 

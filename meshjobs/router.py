@@ -37,6 +37,9 @@ from meshjobs.trust.quarantine import QuarantineBoard
 from meshjobs.trust.reputation import Evidence, Kind, Record, ReputationBook
 
 DISCOVERY_TTL = 2.0
+#: A peer stays a candidate this long after it last answered discovery: a busy worker may miss one
+#: round's short window, and one that is really gone fails over to the next candidate anyway.
+PEER_TTL = 10.0
 #: Ranking weight = RANK_FLOOR + min(score, RANK_CAP): flat enough to spread work, steep enough to prefer the trusted.
 RANK_FLOOR = 0.25
 RANK_CAP = 0.5
@@ -142,6 +145,7 @@ class Router:
         self.book = book
         self.board = board
         self._discovered: tuple[float, list[PeerInfo]] = (0.0, [])
+        self._seen: dict[tuple[str, str], tuple[float, PeerInfo]] = {}
         self._pending: list[Evidence] = []
         self._writer: asyncio.Task[None] | None = None
         #: Jobs this router has in flight per peer: the load part of the ranking.
@@ -181,9 +185,13 @@ class Router:
 
     async def _peers(self) -> list[PeerInfo]:
         at, peers = self._discovered
-        if time.monotonic() - at > DISCOVERY_TTL or not peers:
-            peers = await self.client.peers(timeout=0.5, operators=self.board.operators)
-            self._discovered = (time.monotonic(), peers)
+        now = time.monotonic()
+        if now - at > DISCOVERY_TTL or not peers:
+            for info in await self.client.peers(timeout=0.5, operators=self.board.operators):
+                self._seen[(info.peer, info.instance)] = (now, info)
+            self._seen = {k: (t, i) for k, (t, i) in self._seen.items() if now - t <= PEER_TTL}
+            peers = [info for _, info in self._seen.values()]
+            self._discovered = (now, peers)
         return peers
 
     async def candidates(
