@@ -303,13 +303,15 @@ class Durable:
         envelope, keys = self._own(job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        pause = 0.005  # quick jobs are seen quickly; a long wait backs off to a get every 0.2 s
         while True:
             data = await self.results.get(keys.result_key)
             if data is not None and (found := await self._accept(keys, envelope, data)) is not None:
                 return found
             if loop.time() >= deadline:
                 return None
-            await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
+            await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
+            pause = min(pause * 1.5, 0.2)
 
     async def wait(self, job_id: str, timeout: float) -> Any:
         found = await self.result(job_id, wait=timeout)
