@@ -122,13 +122,16 @@ async def bench_routed(url: str, work: Path, counts: dict[str, tuple[int, int]],
         for worker in workers:
             worker.wait_for("serving")
         async with await Client.connect(url, submitter) as client:
+            while len(await client.peers(timeout=0.5, capability="demo.noop")) < 3:
+                pass
             router = await Router.open(client, frozenset())
-            while len(await router.candidates("demo.noop", Constraints())) < 3:
-                router._discovered = (0.0, [])
-            trusted = Constraints(min_trust=0.1)
+            # No trust service runs here, so every score is 0 (a lower credible bound): the rows
+            # measure the routed path (signed manifests, records and quarantine read, ranking, direct
+            # send, evidence filed), not a trust threshold nobody could pass.
+            anyone = Constraints()
             samples = []
-            only = (await router.candidates("demo.noop", Constraints()))[0].peer
-            one = Constraints(min_trust=0.1, peer=only)
+            only = (await router.candidates("demo.noop", anyone))[0].peer
+            one = Constraints(peer=only)
             for level, count in zip(levels, counts["routed"], strict=True):
                 sample = await drive_async(
                     "meshjobs routed", lambda: router.submit("demo.noop", {}, constraints=one), count, level
@@ -138,7 +141,7 @@ async def bench_routed(url: str, work: Path, counts: dict[str, tuple[int, int]],
             for level, count in zip(levels, counts["replicas3"], strict=True):
                 sample = await drive_async(
                     "meshjobs x3 quorum 2",
-                    lambda: router.submit_redundant("demo.noop", {}, replicas=3, quorum=2, constraints=trusted),
+                    lambda: router.submit_redundant("demo.noop", {}, replicas=3, quorum=2, constraints=anyone),
                     count,
                     level,
                 )
