@@ -25,6 +25,9 @@ checked, still regular) and bounds the size before and while reading.
 A missing file raises :class:`FileNotFoundError` so callers can say what to
 do about it; every other refusal is one line naming the path, raised as the
 caller's :class:`~meshjobs.errors.MeshError` class.
+
+Files we write (credentials, topology, compose files, attestations) are
+written whole or not at all: :func:`write_replacing`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import errno
 import grp
 import os
 import pwd
+import secrets
 import stat
 from pathlib import Path
 from typing import Literal
@@ -144,3 +148,17 @@ def read_local_file(path: Path, *, what: str, max_bytes: int, care: Care, error:
     if size > max_bytes:  # it grew after the fstat
         raise error(f"{what} {path} is larger than {max_bytes} bytes")
     return b"".join(chunks)
+
+
+def write_replacing(path: Path, data: str | bytes, mode: int = 0o666) -> None:
+    """Write *path* whole or not at all: a new temporary file beside it (created with *mode*, less
+    the umask), then renamed over it. A reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 import tomlkit
 
+from meshjobs._files import write_replacing
 from meshjobs.cli._common import DAY_S, F, Seconds, guarded, home
 from meshjobs.errors import UsageError
 from meshjobs.identity import decode_public
@@ -108,9 +108,7 @@ def add_peer_to_file(path: Path, key: str, community: str | None, role: str = "p
     peers.append(key)
     text = tomlkit.dumps(document)
     parse_topology(text, path)  # never write a file that does not load
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_replacing(path, text)
     return True
 
 
@@ -179,7 +177,6 @@ def mesh_up(topology_path: Path, state_dir: Path | None, timeout: float, as_json
 
 def _start_trust_service(local: LocalMesh, quiet: bool) -> None:
     """Run the trust service on the hub when this peer's key is one the topology lists for it."""
-    import os
 
     from meshjobs.cli._common import identity_for_use
 
@@ -414,7 +411,5 @@ def mesh_attest(topology_path: Path, out: Path, valid_for: float) -> None:
     for key, community in admitted:
         frame = attest(identity, key, region=community.region, community=community.name, valid_for_s=valid_for)
         target = out / f"{key}.attestation"
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(frame + b"\n")
-        partial.replace(target)  # whole or not at all
+        write_replacing(target, frame + b"\n")
         click.echo(f"{key}: region {community.region}, community {community.name} -> {target}")

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshjobs._files import write_replacing
 from meshjobs.errors import IdentityError, UsageError
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.infra.credentials import ensure_credentials
@@ -167,9 +167,7 @@ def write_compose(topology: Topology, source: str, out: Path, *, force: bool = F
     for rel, text in files.items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_replacing(path, text)
         written.append(path)
     return written
 
@@ -187,11 +185,7 @@ class ServiceSecrets:
 
 
 def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_replacing(path, text, 0o600)
 
 
 def _service_identity(path: Path) -> Identity:

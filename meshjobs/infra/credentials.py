@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from meshjobs._files import write_replacing
 from meshjobs.errors import UsageError
 from meshjobs.identity import Identity
 from meshjobs.infra.natsconf import SECRETS_DIR, leaf_key_var
@@ -25,11 +26,7 @@ SOURCE = "credentials.toml"
 
 
 def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_replacing(path, text, 0o600)
 
 
 def _load(path: Path) -> dict[str, Any]:
