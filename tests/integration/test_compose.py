@@ -43,8 +43,8 @@ from meshjobs.infra.compose import (
 )
 from meshjobs.infra.images import BROKER_DOCKERFILE, BROKER_IMAGE, WORKER_DOCKERFILE, WORKER_IMAGE, PythonTarget
 from meshjobs.infra.topology import load_topology
+from tests.closed_mesh import free_ports
 from tests.conftest import REPO, cli_env, meshjobs
-from tests.integration.test_federation import free_ports
 
 pytestmark = pytest.mark.integration
 

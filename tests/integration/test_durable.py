@@ -19,8 +19,8 @@ from meshjobs.identity import Identity
 from meshjobs.infra.broker import NatsServer, embedded
 from meshjobs.infra.mesh import LocalMesh
 from meshjobs.infra.topology import Topology
+from tests.closed_mesh import free_ports
 from tests.conftest import WorkerProcess, cli_env, meshjobs
-from tests.integration.test_federation import free_ports
 
 pytestmark = pytest.mark.integration
 

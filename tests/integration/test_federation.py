@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,21 +20,10 @@ from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.infra.mesh import LocalMesh, provision
 from meshjobs.infra.topology import Topology, load_topology
 from meshjobs.state import open_bucket
+from tests.closed_mesh import free_ports
 from tests.conftest import REPO, WorkerProcess, cli_env, meshjobs
 
 pytestmark = pytest.mark.integration
-
-
-def free_ports(count: int) -> Iterator[int]:
-    sockets = []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sockets.append(sock)
-    ports = [s.getsockname()[1] for s in sockets]
-    for sock in sockets:
-        sock.close()
-    return iter(ports)
 
 
 @dataclass

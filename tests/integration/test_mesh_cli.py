@@ -17,8 +17,8 @@ from meshjobs.infra.broker import find_nats_server, is_our_server
 from meshjobs.infra.compose import CONTAINER_DATA, render_compose
 from meshjobs.infra.natsconf import node_config
 from meshjobs.infra.topology import load_topology, parse_topology
+from tests.closed_mesh import free_ports
 from tests.conftest import REPO, cli_env, meshjobs
-from tests.integration.test_federation import free_ports
 
 EXAMPLE = REPO / "config" / "topology.toml"
 

@@ -20,8 +20,8 @@ import pytest
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.infra.mesh import LocalMesh
 from meshjobs.infra.topology import load_topology
+from tests.closed_mesh import free_ports
 from tests.conftest import REPO, cli_env
-from tests.integration.test_federation import free_ports
 
 pytestmark = pytest.mark.integration
 

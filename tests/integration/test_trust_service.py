@@ -395,7 +395,6 @@ async def _run_until_ready(service: TrustService, then: Callable[[], Awaitable[N
 def test_mesh_up_runs_the_trust_service_of_the_topology_and_down_stops_it(tmp_path: Path) -> None:
     """A closed two-region mesh whose operator key is also its trust service: records signed by it, end to end."""
     from meshjobs.infra.topology import load_topology
-    from tests.integration.test_federation import free_ports  # noqa: F401 - mini_topology's ports
     from tests.integration.test_mesh_cli import mini_topology
 
     operator = Identity.generate()
