@@ -144,8 +144,9 @@ class Router:
         self.anchors = anchors
         self.book = book
         self.board = board
-        self._discovered: tuple[float, list[PeerInfo]] = (0.0, [])
+        #: (peer, instance) -> (when it last answered discovery, what it said), within PEER_TTL.
         self._seen: dict[tuple[str, str], tuple[float, PeerInfo]] = {}
+        self._asked_at = 0.0
         self._pending: list[Evidence] = []
         self._writer: asyncio.Task[None] | None = None
         #: Jobs this router has in flight per peer: the load part of the ranking.
@@ -183,16 +184,18 @@ class Router:
         await self.board.close()
         await self.book.close()
 
+    def rediscover(self) -> None:
+        """Ask discovery again at the next routing decision (peers seen within PEER_TTL are kept)."""
+        self._asked_at = 0.0
+
     async def _peers(self) -> list[PeerInfo]:
-        at, peers = self._discovered
         now = time.monotonic()
-        if now - at > DISCOVERY_TTL or not peers:
+        if now - self._asked_at > DISCOVERY_TTL or not self._seen:
             for info in await self.client.peers(timeout=0.5, operators=self.board.operators):
                 self._seen[(info.peer, info.instance)] = (now, info)
             self._seen = {k: (t, i) for k, (t, i) in self._seen.items() if now - t <= PEER_TTL}
-            peers = [info for _, info in self._seen.values()]
-            self._discovered = (now, peers)
-        return peers
+            self._asked_at = now
+        return [info for _, info in self._seen.values()]
 
     async def candidates(
         self, capability: str, constraints: Constraints, *, deterministic: bool = False

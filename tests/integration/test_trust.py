@@ -104,7 +104,7 @@ async def router_for(cast: Cast, names: list[str]) -> tuple[Client, Router]:
     deadline = time.monotonic() + 20
     while wanted - {c.peer for c in await router.candidates("math.square", Constraints())}:
         assert time.monotonic() < deadline, "workers did not appear in discovery"
-        router._discovered = (0.0, [])  # force a fresh discovery round
+        router.rediscover()  # a fresh discovery round
         await asyncio.sleep(0.2)
     return client, router
 
