@@ -31,7 +31,7 @@ import nats.errors
 
 from meshjobs.client import Client, Outcome
 from meshjobs.discovery import PeerInfo
-from meshjobs.envelope import new_job_id
+from meshjobs.envelope import new_job_id, now_ms
 from meshjobs.errors import HandlerError, JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
 from meshjobs.trust.quarantine import QuarantineBoard
 from meshjobs.trust.reputation import Evidence, Kind, Record, ReputationBook
@@ -113,6 +113,8 @@ class Candidate:
     record: Record
     anchor: bool = False
     """Pre-trusted in this submitter's policy: its word weighs fully, record or not (EigenTrust's anchor)."""
+    witnessed: int = 0
+    """Verified agreements this router settled itself (the signed record lags the evidence)."""
 
     @property
     def peer(self) -> str:
@@ -154,6 +156,9 @@ class Router:
         #: Agreements with credible peers this router settled itself, per peer: they count before the
         #: trust service has folded the evidence into the peer's record (see :mod:`meshjobs.verify`).
         self.witnessed: Counter[str] = Counter()
+        #: Peers this router proved wrong itself, and when (ms): it holds the signed proof, so it stops
+        #: routing to them at once instead of when the trust service's quarantine reaches it.
+        self.convicted: dict[str, int] = {}
         self.rng = random.Random()
 
     @classmethod
@@ -209,22 +214,39 @@ class Router:
         wanted = constraints.peer
         if wanted and wanted in infos and (self.board.is_quarantined(wanted) or records[wanted].auto_quarantined()):
             raise Rejected(Reason.QUARANTINED, f"peer {wanted[:12]}… is quarantined")
+        if wanted and self.is_convicted(wanted):
+            raise Rejected(Reason.QUARANTINED, f"peer {wanted[:12]}… returned a result proven wrong to this submitter")
         found = []
         for peer, info in infos.items():
             record = records[peer]
-            if self.board.is_quarantined(peer) or record.auto_quarantined():
+            if self.board.is_quarantined(peer) or record.auto_quarantined() or self.is_convicted(peer):
                 continue
             if deterministic and capability not in info.deterministic:
                 continue
             if not set(constraints.tags) <= set(info.tags_of(capability)):
                 continue
             if constraints.admits(info, record) is None:
-                found.append(Candidate(info, record, peer in self.anchors))
+                found.append(Candidate(info, record, peer in self.anchors, self.witnessed[peer]))
         ranked = self.rank(found)
         if constraints.prefer_region:
             # Stable: the ranking holds within each part; other regions are the emergency fallback.
             ranked.sort(key=lambda c: not (c.info.region == constraints.prefer_region and c.info.is_attested("region")))
         return ranked
+
+    def convict(self, peer: str) -> None:
+        """Stop routing to *peer*: this router holds proof of a wrong result (until an operator releases it)."""
+        self.convicted.setdefault(peer, now_ms())
+
+    def is_convicted(self, peer: str) -> bool:
+        """Whether this router proved *peer* wrong and no operator's release order is newer than that."""
+        since = self.convicted.get(peer)
+        if since is None:
+            return False
+        order = self.board.orders.get(peer)
+        if order is not None and order.action == "release" and order.seq > since:
+            del self.convicted[peer]
+            return False
+        return True
 
     def rank(self, found: list[Candidate]) -> list[Candidate]:
         """Best first, spread by score and load: a weighted random order, never a lock-in on one peer.

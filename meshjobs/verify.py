@@ -16,7 +16,9 @@ independent peer depends on how much of that peer's record is *verified*
   returned (see :func:`pick_checker`).
 - Whether to check reads only the signed record's ``verified`` count; who
   checks also counts the agreements this router settled itself (the record
-  lags the evidence), so checker duty spreads over the newcomers at once.
+  lags the evidence), so checker duty spreads over the newcomers at once, and
+  over the peers this router has seen agree with credible ones instead of
+  falling on the anchors alone (:func:`vouched`).
 - Agreement is evidence for both peers, with both signed results as proof.
 - A mismatch is never settled on one peer's word against another's: more
   peers are asked, the most trusted first (pre-trusted anchors), until the
@@ -24,7 +26,9 @@ independent peer depends on how much of that peer's record is *verified*
   the losing side gets ``wrong`` evidence carrying the winning side's signed
   results. A minority is not punished
   unless the agreeing side outweighs it by trust; an even split returns no
-  value (``no_quorum``).
+  value (``no_quorum``). The router stops routing to a peer it has proved
+  wrong at once (:meth:`~meshjobs.router.Router.convict`), before the trust
+  service's quarantine reaches it.
 
 The policy functions are pure and unit-tested; :class:`Verifier` runs them
 on a :class:`~meshjobs.router.Router`.
@@ -37,7 +41,6 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +48,7 @@ from meshjobs.client import Outcome
 from meshjobs.envelope import new_job_id
 from meshjobs.errors import JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
 from meshjobs.router import Attempt, Candidate, Constraints, RoutedOutcome, Router, result_digest
+from meshjobs.trust.record import wilson_lower
 
 log = logging.getLogger("meshjobs.verify")
 
@@ -74,9 +78,19 @@ def standing(candidate: Candidate) -> float:
     return max(float(weigh()) if callable(weigh) else record.score(), 0.0)
 
 
-def verified_count(candidate: Candidate, witnessed: int = 0) -> int:
+def vouched(candidate: Candidate) -> float:
+    """:func:`standing`, or what the verified agreements this router settled itself prove, if more.
+
+    Only who checks an unproven peer reads it: the record lags the evidence, and
+    without it every such check would fall on the anchors. Verdicts, and what
+    counts as verified, stay on the trust service's standing.
+    """
+    return max(standing(candidate), wilson_lower(candidate.witnessed, 0))
+
+
+def verified_count(candidate: Candidate) -> int:
     """Verified agreements: the signed record's, or what this router witnessed itself if more (evidence lags)."""
-    return max(int(getattr(candidate.record, "verified", 0)), witnessed)
+    return max(int(getattr(candidate.record, "verified", 0)), candidate.witnessed)
 
 
 def _independent(primary: Candidate, c: Candidate) -> int:
@@ -84,12 +98,7 @@ def _independent(primary: Candidate, c: Candidate) -> int:
     return int(bool(o.community) and o.community != p.community) + int(bool(o.region) and o.region != p.region)
 
 
-def pick_checker(
-    primary: Candidate,
-    others: list[Candidate],
-    rng: random.Random,
-    verified: Callable[[Candidate], int] = verified_count,
-) -> list[Candidate]:
+def pick_checker(primary: Candidate, others: list[Candidate], rng: random.Random) -> list[Candidate]:
     """Checkers for *primary*'s result, best first: independent (another community/region), then by need.
 
     When the primary is itself credible (its word outweighs an unproven peer's
@@ -105,7 +114,7 @@ def pick_checker(
     credible = standing(primary) >= MARGIN
 
     def key(c: Candidate) -> tuple[int, float]:
-        weight = 1.0 / (1 + verified(c)) if credible else standing(c) + 0.01
+        weight = 1.0 / (1 + verified_count(c)) if credible else vouched(c) + 0.01
         return (-_independent(primary, c), -(rng.random() ** (1.0 / weight)))
 
     return sorted((c for c in others if c.peer != primary.peer), key=key)
@@ -175,12 +184,12 @@ class Verifier:
         trace: list[Attempt] = []
         errors: list[MeshError] = []
         primary, outcome, rest = await self._first(capability, args, job_id, candidates, deadline, trace, errors)
-        if self.rng.random() >= check_probability(verified_count(primary)):
+        if self.rng.random() >= check_probability(int(getattr(primary.record, "verified", 0))):
             self.router.report("success", primary.peer, outcome, job_id, capability)
             return RoutedOutcome(outcome, trace, [primary.peer])
         votes: dict[str, list[tuple[Candidate, Outcome]]] = defaultdict(list)
         votes[result_digest(outcome)].append((primary, outcome))
-        checkers = pick_checker(primary, rest, self.rng, lambda c: verified_count(c, self.router.witnessed[c.peer]))
+        checkers = pick_checker(primary, rest, self.rng)
         # One checker; on a disagreement, the most trusted peers settle it,
         # one at a time until one side outweighs the other.
         settling = False
@@ -226,6 +235,7 @@ class Verifier:
                         self.router.witnessed[candidate.peer] += 1
                 else:
                     detail = f"outweighed by {len(verdict.agreeing)} peer(s) that agree"
+                    self.router.convict(candidate.peer)
                     self.router.report("wrong", candidate.peer, ran, job_id, capability, proof=winners, detail=detail)
         return RoutedOutcome(verdict.outcome, trace, verdict.agreeing, [p for p, _ in verdict.losers])
 

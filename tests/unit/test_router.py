@@ -32,6 +32,7 @@ from meshjobs.router import Constraints, Router, result_digest
 from meshjobs.subjects import audience_for
 from meshjobs.trust.quarantine import Order, QuarantineBoard
 from meshjobs.trust.reputation import Evidence, Record, ReputationBook
+from meshjobs.verify import Verifier
 
 ALICE = Identity.generate()
 OPERATOR = Identity.generate()
@@ -229,6 +230,32 @@ async def test_quarantined_peers_are_never_candidates() -> None:
     with pytest.raises(Rejected) as caught:  # asked for by name: said so, not "nobody qualified"
         await r.candidates("demo.add", Constraints(peer=PEERS["a"]))
     assert caught.value.reason is Reason.QUARANTINED
+
+
+def release(name: str, seq: int) -> bytes:
+    order = Order(version=1, peer=PEERS[name], action="release", reason="appeal", operator=OPERATOR.public_key,
+                  at_ms=now_ms(), seq=seq)  # fmt: skip
+    return seal_statement(QUARANTINE_MAGIC, OPERATOR, order)
+
+
+async def test_a_peer_proven_wrong_gets_no_more_work_from_that_submitter_until_released() -> None:
+    """Before the trust service's quarantine arrives: the submitter holds the signed proof itself."""
+    r = router([info(n) for n in "abcd"], answers={"a": 5, "b": 6, "c": 5, "d": 5})
+    r.anchors = frozenset({PEERS["a"]})
+    r.rank = lambda found: sorted(found, key=lambda c: (c.peer != PEERS["b"], NAMES[c.peer]))  # type: ignore[method-assign]
+    done = await Verifier(r).submit("demo.add", {"x": 1})
+    await r.flush()
+    assert done.outcome.value == 5 and done.dissenting == [PEERS["b"]] and asked(r)[0] == "b"
+    assert ("b", "wrong") in evidence(r)
+    assert PEERS["b"] not in {c.peer for c in await r.candidates("demo.add", Constraints())}
+    with pytest.raises(Rejected) as caught:
+        await r.candidates("demo.add", Constraints(peer=PEERS["b"]))
+    assert caught.value.reason is Reason.QUARANTINED and "proven wrong" in str(caught.value)
+    convicted = r.convicted[PEERS["b"]]
+    r.board.apply(PEERS["b"], release("b", convicted - 1))  # a release older than the proof lifts nothing
+    assert PEERS["b"] not in {c.peer for c in await r.candidates("demo.add", Constraints())}
+    r.board.apply(PEERS["b"], release("b", convicted + 1))
+    assert PEERS["b"] in {c.peer for c in await r.candidates("demo.add", Constraints())}
 
 
 async def test_equal_peers_share_the_load() -> None:

@@ -33,10 +33,11 @@ class Cand:
     record: Rec
     info: Info
     anchor: bool = False
+    witnessed: int = 0
 
 
-def cand(peer: str, score: float, community: str = "", region: str = "", verified: int = 0) -> Any:
-    return Cand(peer, Rec(score, verified), Info(community, region))
+def cand(peer: str, score: float, community: str = "", region: str = "", verified: int = 0, witnessed: int = 0) -> Any:
+    return Cand(peer, Rec(score, verified), Info(community, region), witnessed=witnessed)
 
 
 def test_unverified_peers_are_always_checked_and_the_rate_falls_but_never_to_zero() -> None:
@@ -60,6 +61,14 @@ def test_an_unproven_primary_gets_a_trusted_checker_but_work_spreads() -> None:
     others = [cand("hi", 0.9), cand("mid", 0.6), cand("lo", 0.05)]
     firsts = [pick_checker(primary, others, random.Random(seed))[0].peer for seed in range(400)]
     assert firsts.count("hi") > firsts.count("mid") > firsts.count("lo") > 0
+
+
+def test_peers_seen_agreeing_with_credible_ones_share_checks_before_their_record_says_so() -> None:
+    """The signed record lags the evidence; without this every check of a newcomer would fall on the anchors."""
+    primary = cand("p", 0.0)
+    others = [cand("anchor", 0.9), cand("seen", 0.0, witnessed=4), cand("stranger", 0.0)]
+    firsts = [pick_checker(primary, others, random.Random(seed))[0].peer for seed in range(400)]
+    assert firsts.count("anchor") > firsts.count("seen") > 10 * max(firsts.count("stranger"), 1)
 
 
 def test_a_credible_primary_is_checked_by_the_least_proven_peers_first() -> None:
