@@ -6,7 +6,9 @@ Two nats-py gaps are worked around here, and only here:
   ``KV_<bucket>`` stream is created by us with replicas and placement;
 - KV writes publish on raw ``$KV.<bucket>.<key>``, which never crosses a leaf
   link; we publish on ``$JS.<domain>.API.$KV.<bucket>.<key>`` instead, as
-  nats.go does. Reads and watches go through the domain and work as they are.
+  nats.go does. Reads and watches go through the domain and work as they are;
+- a KV watch's "caught up" marker can come before the history it announces
+  (see :class:`Replay`): every watch of mesh state goes through :func:`replay`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import dataclasses
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -86,9 +88,9 @@ class MeshKV:
             return None
         return Entry(key, entry.value or b"", int(entry.revision or 0))
 
-    async def watchall(self) -> Any:
-        """A nats-py watcher over every key: current values, a ``None`` marker, then updates."""
-        return await self._kv.watchall()
+    async def watchall(self) -> Replay:
+        """A watch over every key: current values, a ``None`` marker, then updates."""
+        return await replay(self._js, self.bucket, history=False)
 
     async def put(self, key: str, value: bytes) -> int:
         """Write *value*; returns the new revision."""
@@ -407,6 +409,72 @@ async def open_bucket(
         return MeshKV(js, await js.key_value(spec.name), spec.name, domain, nc=nc)
 
     return await retrying(lookup, timeout=timeout, what=f"opening bucket {spec.name}", first_delay=0.1)
+
+
+#: How long a replay waits, once nats-py says it is caught up, for revisions it has not handed over yet.
+REPLAY_GRACE = 2.0
+
+
+class Replay:
+    """A KV watch whose ``None`` marker comes only after every revision the bucket held when it began.
+
+    nats-py's own marker can come first (in 1 of 30 opens of a bucket holding
+    300 revisions, before any of them): it compares the consumer's pending
+    count, read after the server has pushed the history, with the messages its
+    callback has handled, which may be none yet. A reader trusting it starts
+    from part of the state: a quarantine board without an order, a trust
+    service without its records. So a replay waits for the stream's last
+    sequence as it was before the watch began; should that message be gone
+    meanwhile (removed by age), it stops waiting :data:`REPLAY_GRACE` seconds
+    after nats-py's marker.
+    """
+
+    def __init__(self, watcher: Any, target: int) -> None:
+        self.watcher = watcher
+        self.target = target
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._updates()
+
+    async def _updates(self) -> AsyncIterator[Any]:
+        caught = self.target == 0
+        if caught:
+            yield None
+        early = False  # nats-py said "caught up" before the target arrived
+        while True:
+            try:
+                update = await self.watcher.updates(timeout=REPLAY_GRACE if early and not caught else None)
+            except nats.errors.TimeoutError:
+                caught = True  # the last revision went away meanwhile: what came is all there is
+                yield None
+                continue
+            if update is KeyValue.KeyWatcher.STOP_ITER:
+                return
+            if update is None:
+                early = not caught
+                continue
+            yield update
+            if not caught and int(update.revision or 0) >= self.target:
+                caught = True
+                yield None
+
+    async def stop(self) -> None:
+        await self.watcher.stop()
+
+
+async def replay(js: JetStreamContext, bucket: str, key: str = ">", *, history: bool = True) -> Replay:
+    """Watch *key* of *bucket* (``>``: every key): each revision kept (*history*) or the latest, then new ones."""
+    stream = f"KV_{bucket}"
+    if key == ">":
+        state = (await js.stream_info(stream)).state
+        target = int(state.last_seq or 0) if state.messages else 0
+    else:
+        try:
+            target = int((await js.get_last_msg(stream, f"$KV.{bucket}.{key}")).seq or 0)
+        except nats.js.errors.NotFoundError:
+            target = 0
+    kv = await js.key_value(bucket)
+    return Replay(await kv.watch(key, include_history=history), target)
 
 
 async def watch_bucket(kv: MeshKV, on_entry: Callable[[Entry], None], ready: asyncio.Event) -> None:

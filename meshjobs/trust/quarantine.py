@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import Any, Literal
+from typing import Literal
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -55,7 +55,7 @@ from pydantic import Field, field_validator
 from meshjobs.envelope import QUARANTINE_MAGIC, Wire, now_ms, open_statement, seal_statement
 from meshjobs.errors import KeyExists, Rejected, UsageError
 from meshjobs.identity import Identity, is_public_key
-from meshjobs.state import DOMAIN, BucketSpec, MeshKV, StateSpec, open_bucket, retrying
+from meshjobs.state import DOMAIN, BucketSpec, MeshKV, Replay, StateSpec, open_bucket, replay, retrying
 
 BUCKET = "quarantine"
 ORDER_VERSION: Literal[1] = 1
@@ -204,15 +204,14 @@ class QuarantineBoard:
             await asyncio.wait({self._task}, timeout=5.0)  # bounded: a stuck watcher must not hold a shutdown
 
 
-async def _watch(nc: NATS, keys: str) -> Any:
-    """A nats-py watcher over *keys* replaying every revision kept, markers included, then new ones.
+async def _watch(nc: NATS, keys: str) -> Replay:
+    """Every revision kept of *keys* (``>`` or one peer), markers included, then new ones.
 
     state.watch_bucket replays only the last revision of each key and drops
     the operation; orders need every revision and the markers, so the board
-    watches through nats-py's public KV API, through the hub domain.
+    watches them all, through the hub domain.
     """
-    kv = await nc.jetstream(domain=DOMAIN, timeout=2.0).key_value(BUCKET)
-    return await kv.watch(keys, include_history=True)
+    return await replay(nc.jetstream(domain=DOMAIN, timeout=2.0), BUCKET, keys)
 
 
 async def _follow(nc: NATS, board: QuarantineBoard) -> None:
@@ -244,9 +243,14 @@ async def read_history(nc: NATS, peer: str, board: QuarantineBoard) -> int:
         watcher = await _watch(nc, peer)
         last = 0
         try:
-            while (update := await watcher.updates(timeout=5.0)) is not None:
-                last = max(last, int(update.revision or 0))
-                board.apply(update.key, update.value or b"", update.operation)
+            async with asyncio.timeout(5.0):
+                async for update in watcher:
+                    if update is None:
+                        break
+                    last = max(last, int(update.revision or 0))
+                    board.apply(update.key, update.value or b"", update.operation)
+        except TimeoutError as exc:
+            raise nats.errors.TimeoutError from exc  # retried
         finally:
             await watcher.stop()
         return last

@@ -29,7 +29,17 @@ from nats.aio.client import Client as NATS
 from meshjobs.envelope import EVIDENCE_MAGIC, TRUST_MAGIC, claimed_signer, open_statement, seal_statement
 from meshjobs.errors import Rejected
 from meshjobs.identity import Identity, is_public_key
-from meshjobs.state import DOMAIN, BucketSpec, MeshKV, StateSpec, StreamSpec, open_bucket, provision, read_subject
+from meshjobs.state import (
+    DOMAIN,
+    BucketSpec,
+    MeshKV,
+    StateSpec,
+    StreamSpec,
+    open_bucket,
+    provision,
+    read_subject,
+    replay,
+)
 from meshjobs.trust.evidence import Evidence, Kind, Standing, assess, check_proof, make_evidence
 from meshjobs.trust.record import Record
 
@@ -140,8 +150,7 @@ class ReputationBook:
         while True:
             watcher: Any = None
             try:
-                kv = await self.nc.jetstream(domain=DOMAIN, timeout=2.0).key_value(BUCKET)
-                watcher = await kv.watch(">", include_history=True)
+                watcher = await replay(self.nc.jetstream(domain=DOMAIN, timeout=2.0), BUCKET)
                 async for update in watcher:
                     if update is None:
                         ready.set()

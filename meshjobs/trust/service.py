@@ -52,7 +52,7 @@ from meshjobs.envelope import EVIDENCE_MAGIC, TRUST_MAGIC, now_ms, open_statemen
 from meshjobs.errors import KeyExists, MeshError, Rejected
 from meshjobs.identity import Identity, is_public_key
 from meshjobs.observe import metrics
-from meshjobs.state import DOMAIN, MeshKV, open_bucket, provision
+from meshjobs.state import DOMAIN, MeshKV, open_bucket, provision, replay
 from meshjobs.trust.evidence import SKEW_MS, WINDOW_MS, Evidence, Standing, Verdict, assess
 from meshjobs.trust.policy import TrustPolicy
 from meshjobs.trust.quarantine import QuarantineBoard
@@ -145,8 +145,7 @@ class TrustService:
 
     async def _load(self) -> None:
         """Its own latest signed revision of every key (where the latest one is not, it is written again)."""
-        kv = await self.js.key_value(BUCKET)
-        watcher: Any = await kv.watch(">", include_history=True)
+        watcher = await replay(self.js, BUCKET)
         latest: dict[str, bytes] = {}
         try:
             async for update in watcher:
