@@ -476,16 +476,18 @@ class Worker:
 
     async def _receive(self, msg: Msg, cap: Capability) -> None:
         data, reply = msg.data, msg.reply
-        if claimed_signer(data) not in self.policy.keys and not self.gate.allow_refusal():
-            # A stranger's or a junk frame past the refusal budget: dropped
-            # before any crypto, unanswered (a flood buys nothing).
+        # A stranger's or a junk frame spends one token of the refusal budget
+        # before any crypto (its refusal is then answered without another);
+        # past the budget it is dropped unanswered: a flood buys nothing.
+        charged = claimed_signer(data) not in self.policy.keys
+        if charged and not self.gate.allow_refusal():
             self._sampled.warning("flood", "dropping unanswered junk or frames from untrusted keys")
             return
         request_digest = digest(data)
         try:
             envelope = self._admit(data, msg.subject, cap)
         except Rejected as exc:
-            await self._refuse(reply, request_digest, None, exc)
+            await self._refuse(reply, request_digest, None, exc, charged=charged)
             return
         if envelope.reply is not None and reply != envelope.reply:
             # A captured envelope replayed with another reply subject: the
@@ -530,11 +532,14 @@ class Worker:
         else:
             entry.replies.append((reply, request_digest))
 
-    async def _refuse(self, reply: str | None, request_digest: str, job_id: str | None, exc: Rejected) -> None:
+    async def _refuse(
+        self, reply: str | None, request_digest: str, job_id: str | None, exc: Rejected, *, charged: bool = False
+    ) -> None:
+        """Count and log a refusal; answer it signed within the refusal budget (*charged*: paid for already)."""
         self.rejected += 1
         self.observer.rejected(exc.code)
         self._sampled.warning(exc.code, "rejected %s: %s", job_id or "message", exc)
-        if reply and (exc.code in RETRYABLE_REASONS or self.gate.allow_refusal()):
+        if reply and (exc.code in RETRYABLE_REASONS or charged or self.gate.allow_refusal()):
             await self._publish(
                 reply, seal(self.identity, job_id, request_digest, Execution("rejected", error=(exc.code, exc.message)))
             )

@@ -10,11 +10,13 @@ import asyncio
 import base64
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import nats
+import nats.errors
 import pytest
 
 from meshjobs import App, Client, HandlerError, JobTimeout, NoPeerError, Rejected, UsageError
@@ -215,6 +217,45 @@ async def test_untrusted_submitter(rig: Rig) -> None:
 
 async def test_garbage_gets_a_signed_rejection(rig: Rig) -> None:
     await rejected(rig, b"\x00" * 300, Reason.MALFORMED)
+
+
+async def test_strangers_get_exactly_the_refusal_budget_of_signed_rejections(broker: NatsServer) -> None:
+    """refusal_rate 5/s allows a burst of 10 signed rejections: a flood of 200 gets those, not half of them."""
+    cap = f"t{secrets.token_hex(4)}.echo"
+    app = App("budget")
+
+    @app.capability(cap)
+    def echo(x: int) -> int:
+        return x
+
+    me, stranger = Identity.generate(), Identity.generate()
+    worker = Worker(app, me, TrustPolicy(frozenset({me.public_key})), WorkerConfig(refusal_rate=5.0))
+    wnc, nc = await nats.connect(broker.url), await nats.connect(broker.url)
+    await worker.start(wnc)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        started = time.monotonic()
+        for n in range(200):
+            job = f"job-{n:08d}"
+            _, frame = seal_envelope(stranger, cap, {"x": n}, audience=f"mesh.cmd.{cap}", ttl_ms=30_000, job_id=job)
+            await nc.publish(f"mesh.cmd.{cap}", frame, reply=inbox)
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        elapsed = time.monotonic() - started
+        replies = []
+        while True:
+            try:
+                replies.append(open_result((await sub.next_msg(timeout=0.2)).data))
+            except nats.errors.TimeoutError:
+                break
+        assert all(r.status == "rejected" and r.error is not None and r.error.code == "untrusted" for r in replies)
+        assert 10 <= len(replies) <= 10 + 5 * elapsed + 1, (len(replies), elapsed)
+        assert worker.rejected == len(replies)  # the rest were dropped before any crypto
+    finally:
+        await worker.drain()
+        await nc.close()
+        await wnc.close()
 
 
 async def test_direct_addressing(rig: Rig) -> None:
