@@ -17,8 +17,6 @@ at least ``quorum`` peers agree, and the dissenters get ``disputed`` evidence.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import random
 import time
@@ -33,6 +31,7 @@ from meshjobs.client import Client, Outcome
 from meshjobs.discovery import PeerInfo
 from meshjobs.envelope import new_job_id, now_ms
 from meshjobs.errors import HandlerError, JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
+from meshjobs.trust.evidence import value_digest
 from meshjobs.trust.quarantine import QuarantineBoard
 from meshjobs.trust.reputation import Evidence, Kind, Record, ReputationBook
 
@@ -130,9 +129,8 @@ class RoutedOutcome:
 
 
 def result_digest(outcome: Outcome) -> str:
-    """What redundant results are compared by: status and canonical value."""
-    canonical = json.dumps([outcome.result.status, outcome.result.value], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """What redundant results are compared by: status and canonical value (the trust service's comparison)."""
+    return value_digest(outcome.result)
 
 
 class Router:

@@ -120,9 +120,12 @@ def evidence_id(kind: str, peer: str, job_id: str, submitter: str) -> str:
 
 
 def value_digest(result: Result) -> str:
-    """What results are compared by: status and canonical value (as the router's ``result_digest``)."""
-    canonical = json.dumps([result.status, result.value], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """What redundant results are compared by: status and canonical value.
+
+    JSON has one kind of number, so ``5`` and ``5.0`` are the same value: two
+    honest peers whose handlers differ only in that agree.
+    """
+    return hashlib.sha256(_canonical([result.status, result.value]).encode()).hexdigest()
 
 
 def _text(frame: bytes | None) -> str | None:
@@ -216,8 +219,19 @@ def _bound(evidence: Evidence, request_text: str, result_text: str) -> tuple[Env
     return request, result
 
 
-def _canonical(args: dict[str, Any]) -> str:
-    return json.dumps(args, sort_keys=True, separators=(",", ":"))
+def _canonical(value: Any) -> str:
+    """Canonical JSON text: keys sorted, no spaces, integral numbers written as integers."""
+    return json.dumps(_same_numbers(value), sort_keys=True, separators=(",", ":"))
+
+
+def _same_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _same_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_same_numbers(v) for v in value]
+    return value
 
 
 def _others(evidence: Evidence, request: Envelope, result: Result) -> tuple[str, ...]:

@@ -272,6 +272,9 @@ def test_result_digest_compares_status_and_value_only() -> None:
     assert result_digest(done("a", {"x": 1, "y": [2]})) == result_digest(done("b", {"y": [2], "x": 1}))
     assert result_digest(done("a", 5)) != result_digest(done("b", 6))
     assert result_digest(done("a", None)) != result_digest(done("a", None, status="error"))
+    # One JSON number: a handler returning 5.0 agrees with one returning 5 (nobody is convicted for it).
+    assert result_digest(done("a", {"n": [5, 2.0]})) == result_digest(done("b", {"n": [5.0, 2]}))
+    assert result_digest(done("a", 5.5)) != result_digest(done("b", 5))
 
 
 # -- fallback ------------------------------------------------------------------------
