@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshjobs._files import write_replacing
 from meshjobs._nats import connect
 from meshjobs.errors import MeshError, UsageError
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
@@ -280,6 +281,4 @@ async def _provision(url: str, identity: Identity) -> None:
 
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    write_replacing(path, text, 0o600)
