@@ -90,7 +90,7 @@ class MeshKV:
 
     async def watchall(self) -> Replay:
         """A watch over every key: current values, a ``None`` marker, then updates."""
-        return await replay(self._js, self.bucket, history=False)
+        return await replay(self._js, self.bucket, history=False, kv=self._kv)
 
     async def put(self, key: str, value: bytes) -> int:
         """Write *value*; returns the new revision."""
@@ -462,8 +462,14 @@ class Replay:
         await self.watcher.stop()
 
 
-async def replay(js: JetStreamContext, bucket: str, key: str = ">", *, history: bool = True) -> Replay:
-    """Watch *key* of *bucket* (``>``: every key): each revision kept (*history*) or the latest, then new ones."""
+async def replay(
+    js: JetStreamContext, bucket: str, key: str = ">", *, history: bool = True, kv: KeyValue | None = None
+) -> Replay:
+    """Watch *key* of *bucket* (``>``: every key): each revision kept (*history*) or the latest, then new ones.
+
+    It reads the stream's info first (``STREAM.INFO`` of ``KV_<bucket>``): where the broker refuses that,
+    the watch fails as the consumer would have. *kv*: the bucket already opened.
+    """
     stream = f"KV_{bucket}"
     if key == ">":
         state = (await js.stream_info(stream)).state
@@ -473,7 +479,7 @@ async def replay(js: JetStreamContext, bucket: str, key: str = ">", *, history: 
             target = int((await js.get_last_msg(stream, f"$KV.{bucket}.{key}")).seq or 0)
         except nats.js.errors.NotFoundError:
             target = 0
-    kv = await js.key_value(bucket)
+    kv = kv or await js.key_value(bucket)
     return Replay(await kv.watch(key, include_history=history), target)
 
 

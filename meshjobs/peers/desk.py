@@ -209,11 +209,13 @@ class Desk:
     async def _watch_states(self, ready: asyncio.Event) -> bool:
         """Watch the ``jobs`` bucket; whether its current values came. A refusal ends the watch at once."""
         self._watch = asyncio.create_task(watch_bucket(self.durable.states, self._on_state, ready))
-        nc, refused = self.durable.nc, f"$JS.{DOMAIN}.API.CONSUMER.CREATE.KV_{STATES}"
+        nc = self.durable.nc
+        # The watch reads the stream's info, then creates a consumer: a closed mesh refuses both to peers.
+        refused = [f"$JS.{DOMAIN}.API.{api}.KV_{STATES}" for api in ("STREAM.INFO", "CONSUMER.CREATE")]
         loop = asyncio.get_running_loop()
         started = loop.time()
         while not ready.is_set():
-            if denied(nc, refused, within=loop.time() - started + 1.0):
+            if any(denied(nc, subject, within=loop.time() - started + 1.0) for subject in refused):
                 self.private = True
                 log.info("job states are private on this mesh: the inbox counts waiting jobs per capability")
                 self._watch.cancel()
