@@ -39,6 +39,9 @@ _LABELS = {"starting": "starting peers", "jobs": "jobs", "settling": "settling r
               help="long-con: jobs a cheater answers honestly before it turns.")  # fmt: skip
 @click.option("--verify", default="auto", show_default=True, help="The submitter's --verify: auto, off or quorum:N/M.")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True, help="Jobs in flight.")
+@click.option("--rate", type=click.FloatRange(min=0, max=100_000), default=0.0, show_default=True,
+              help="Jobs started per second at most; 0: as fast as they finish. A slower pace lets the "
+                   "trust service's records keep up with the evidence.")  # fmt: skip
 @click.option("--processes", "hosts", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Worker processes the peers are spread over.")  # fmt: skip
 @click.option("--communities", type=click.IntRange(1, 64), default=4, show_default=True,

@@ -62,6 +62,9 @@ class SimConfig:
     verify: str = "auto"
     concurrency: int = 8
     """Jobs in flight at once."""
+    rate: float = 0.0
+    """Jobs started per second at most (0: as fast as they finish). A slower pace lets the trust
+    service's signed records keep up with the evidence, as they do for submitters at a human pace."""
     hosts: int = 8
     """Processes the peers are spread over."""
     communities: int = 4
@@ -83,6 +86,8 @@ class SimConfig:
         for name in ("timeout", "job_timeout"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"{name} must be positive")
+        if not self.rate >= 0:
+            raise UsageError("rate must be 0 (no limit) or positive")
 
     def plan(self) -> Plan:
         return make_plan(

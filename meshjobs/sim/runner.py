@@ -106,9 +106,16 @@ class Run:
         """
         options = submit_options(self.config, self.h.adapters)
         tasks = iter(range(self.config.jobs))
+        gap = 1.0 / self.config.rate if self.config.rate else 0.0
+        next_start = time.monotonic()
 
         async def lane() -> None:
+            nonlocal next_start
             for task in tasks:
+                if gap:  # --rate: jobs start at most this often, whatever the lanes
+                    wait, next_start = next_start - time.monotonic(), max(next_start, time.monotonic()) + gap
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 if time.monotonic() >= self.deadline:
                     self.timed_out = True
                     return
@@ -185,6 +192,7 @@ def run_sim(config: SimConfig, progress: Progress | None = None) -> dict[str, An
         "job_seconds": round(run.job_seconds, 2),
         "timed_out": run.timed_out,
         "verify": config.verify,
+        "rate": config.rate or None,
         "p": plan.p if plan.scenario == "camouflage" else None,
         "k": plan.k if plan.scenario == "long-con" else None,
         "forged": forged,

@@ -54,7 +54,7 @@ def test_small_run_reports_consistent_numbers(tmp_path: Path, home: Path) -> Non
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     args = ("--peers", "8", "--malicious", "0.375", "--jobs", "40", "--seed", "3", "--processes", "2")
-    out = sim(tmp, home, *args, "--scenario", "always-wrong", "--pretrusted", "1", "--json")
+    out = sim(tmp, home, *args, "--scenario", "always-wrong", "--pretrusted", "1", "--rate", "50", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     assert not [f for f in FIELDS if f not in report]
@@ -74,6 +74,7 @@ def test_small_run_reports_consistent_numbers(tmp_path: Path, home: Path) -> Non
     assert sum(p["quarantined"] for p in detail if p["role"] != "malicious") == 0
     assert report["other_executions"] == 0
     assert report["seconds"] > 0 and not report["timed_out"]
+    assert report["rate"] == 50 and report["job_seconds"] >= 39 / 50  # the 40th job started no sooner
     # Honest peers never answer wrong; every cheater's answer is wrong.
     assert all(p["wrong_answers"] == 0 for p in detail if p["role"] != "malicious")
     assert all(p["wrong_answers"] == p["executions"] for p in detail if p["role"] == "malicious")
