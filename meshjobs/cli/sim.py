@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from meshjobs.cli._common import DAY_S, Fraction, Seconds, fail, guarded
+from meshjobs.cli._common import DAY_S, Bounded, Fraction, Seconds, fail, guarded
 from meshjobs.sim.scenarios import MAX_PRETRUSTED, SCENARIOS
 
 _LABELS = {"starting": "starting peers", "jobs": "jobs", "settling": "settling reputation", "stopping": "stopping"}
@@ -39,7 +39,7 @@ _LABELS = {"starting": "starting peers", "jobs": "jobs", "settling": "settling r
               help="long-con: jobs a cheater answers honestly before it turns.")  # fmt: skip
 @click.option("--verify", default="auto", show_default=True, help="The submitter's --verify: auto, off or quorum:N/M.")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True, help="Jobs in flight.")
-@click.option("--rate", type=click.FloatRange(min=0, max=100_000), default=0.0, show_default=True,
+@click.option("--rate", type=Bounded(0.0, 100_000.0), default=0.0, show_default=True,
               help="Jobs started per second at most; 0: as fast as they finish. A slower pace lets the "
                    "trust service's records keep up with the evidence.")  # fmt: skip
 @click.option("--processes", "hosts", type=click.IntRange(1, 64), default=8, show_default=True,
