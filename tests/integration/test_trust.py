@@ -75,9 +75,13 @@ async def cast(tmp_path: Path, broker: NatsServer) -> AsyncIterator[Cast]:
 
 
 async def settled(book: ReputationBook, peer: str, until: Callable[[Record], bool], timeout: float = 5) -> Record:
-    """The peer's record once the trust service has folded what *until* waits for."""
+    """The peer's record as the router reads it (its watched copy), once it shows what *until* waits for.
+
+    Not the bucket read directly: the bucket can have the record a few milliseconds before the
+    router's watch delivers it, and the next routing decision reads the watched copy.
+    """
     deadline = time.monotonic() + timeout
-    while not until(record := await book.record(peer)):
+    while not until(record := (await book.records([peer]))[peer]):
         assert time.monotonic() < deadline, f"the trust service did not get there within {timeout} s: {record}"
         await asyncio.sleep(0.05)
     return record
