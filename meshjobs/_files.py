@@ -162,3 +162,8 @@ def write_replacing(path: Path, data: str | bytes, mode: int = 0o666) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_private(path: Path, data: str | bytes) -> None:
+    """:func:`write_replacing` for secrets and private settings: mode 0600 from the first byte."""
+    write_replacing(path, data, 0o600)

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshjobs._files import write_replacing
+from meshjobs._files import write_private, write_replacing
 from meshjobs.errors import IdentityError, UsageError
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.infra.credentials import ensure_credentials
@@ -184,10 +184,6 @@ class ServiceSecrets:
     gid: int
 
 
-def _write_private(path: Path, text: str) -> None:
-    write_replacing(path, text, 0o600)
-
-
 def _service_identity(path: Path) -> Identity:
     """The service's key, made on first use. Read directly: after a hand-over to the service
     user the file is not ours, so :func:`meshjobs.identity.load_identity` would refuse it."""
@@ -238,7 +234,7 @@ def ensure_secrets(topology: Topology, out: Path, trusted: Sequence[str]) -> Ser
         keys[service] = _service_identity(home / IDENTITY_FILE).public_key
     trust = trust_text(trusted, topology.mesh.operators, [*topology.mesh.trust_services, keys[TRUST_SERVICE]])
     for service in service_homes(topology):
-        _write_private(folder / service / TRUST_FILE, trust)
+        write_private(folder / service / TRUST_FILE, trust)
     if os.geteuid() == 0:
         uid = gid = SERVICE_UID
         _hand_over([folder, out / BROKERS / SECRETS_DIR], uid, gid)

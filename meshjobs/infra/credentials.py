@@ -16,17 +16,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from meshjobs._files import write_replacing
+from meshjobs._files import write_private
 from meshjobs.errors import UsageError
 from meshjobs.identity import Identity
 from meshjobs.infra.natsconf import SECRETS_DIR, leaf_key_var
 from meshjobs.infra.topology import Topology
 
 SOURCE = "credentials.toml"
-
-
-def _write_private(path: Path, text: str) -> None:
-    write_replacing(path, text, 0o600)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -63,7 +59,7 @@ def ensure_credentials(topology: Topology, base: Path) -> Path:
     if changed or not source.exists():
         lines = [f"{k} = {json.dumps(v)}" for k, v in data.items() if isinstance(v, str)]
         lines += ["", "[leaf_seeds]"] + [f"{k} = {json.dumps(v)}" for k, v in sorted(leaves.items())]
-        _write_private(source, "\n".join(lines) + "\n")
+        write_private(source, "\n".join(lines) + "\n")
     _derive(topology, folder, data)
     return folder
 
@@ -74,19 +70,19 @@ def _derive(topology: Topology, folder: Path, data: dict[str, Any]) -> None:
     for region in topology.region:
         routes = [f"nats-route://route:{route_pw}@{host}:{n.cluster_port}" for n in region.nodes]
         text = f'authorization {{ user: "route", password: {json.dumps(route_pw)} }}\nroutes: {json.dumps(routes)}\n'
-        _write_private(folder / f"routes-{region.name}.conf", text)
+        write_private(folder / f"routes-{region.name}.conf", text)
     gateways = [
         {"name": r.name, "urls": [f"nats://gateway:{gateway_pw}@{host}:{n.gateway_port}" for n in r.nodes]}
         for r in topology.region
     ]
-    _write_private(
+    write_private(
         folder / "gateways.conf",
         f'authorization {{ user: "gateway", password: {json.dumps(gateway_pw)} }}\ngateways: {json.dumps(gateways)}\n',
     )
     keys = []
     for community in topology.community:
         seed = data["leaf_seeds"][community.name]
-        _write_private(folder / f"leaf-{community.name}.conf", f"nkey: {json.dumps(seed)}\n")
+        write_private(folder / f"leaf-{community.name}.conf", f"nkey: {json.dumps(seed)}\n")
         keys.append(f"{leaf_key_var(community.name)}: {json.dumps(Identity.from_seed_text(seed).public_key)}")
     if keys:
-        _write_private(folder / "leaf-keys.conf", "\n".join(keys) + "\n")
+        write_private(folder / "leaf-keys.conf", "\n".join(keys) + "\n")

@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshjobs._files import write_replacing
+from meshjobs._files import write_private
 from meshjobs._nats import connect
 from meshjobs.errors import MeshError, UsageError
 from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
@@ -205,7 +205,7 @@ class Harness:
     def _start(self) -> None:
         text = self._policy_text()
         self.policy = parse_trust(text, self.workdir / TRUST_FILE)
-        _write_private(self.workdir / TRUST_FILE, text)
+        write_private(self.workdir / TRUST_FILE, text)
         self.execution_log.touch(0o600)
         self.broker = embedded(self.workdir / "broker").start()
         asyncio.run(_provision(self.broker.url, self.submitter))
@@ -226,7 +226,7 @@ class Harness:
         """``meshjobs trust serve`` under the service's own key and home, as an operator would run it."""
         home = self.workdir / "service"
         save_identity(self.service, home / IDENTITY_FILE)
-        _write_private(home / TRUST_FILE, policy_text)
+        write_private(home / TRUST_FILE, policy_text)
         env = {"MESHJOBS_HOME": str(home)}
         argv = [sys.executable, "-m", "meshjobs", "trust", "serve", "--server", self.url]
         self.children.spawn("trust-service", argv, env)
@@ -260,7 +260,7 @@ class Harness:
                 colluder_seeds=colluders,
             )
             path = self.workdir / f"host-{host}.json"
-            _write_private(path, spec.model_dump_json())
+            write_private(path, spec.model_dump_json())
             self.children.spawn(f"host-{host}", [sys.executable, "-m", "meshjobs.sim", str(path)])
 
     def forge_stats(self) -> dict[str, int]:
@@ -282,8 +282,3 @@ async def _provision(url: str, identity: Identity) -> None:
         await provision(nc, MESH_STATE)
     finally:
         await nc.close()
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_replacing(path, text, 0o600)
