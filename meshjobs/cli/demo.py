@@ -41,7 +41,7 @@ from meshjobs.discovery import PeerInfo
 from meshjobs.envelope import new_job_id, open_envelope
 from meshjobs.errors import ConnectError, MeshError
 from meshjobs.identity import IDENTITY_FILE, Identity, load_or_create
-from meshjobs.infra.broker import closed_roles, die_with_parent, embedded
+from meshjobs.infra.broker import closed_roles, embedded, launch
 from meshjobs.peers.openai_standin import OpenAIStandin
 from meshjobs.peers.persona import prompt_digest
 from meshjobs.workflow.approval import Request, check_provenance
@@ -92,17 +92,9 @@ class Child:
 def _start(label: str, args: Sequence[str], url: str, home: Path, log: Path) -> Child:
     """``python -m meshjobs ARGS`` as this identity, in its own session (the demo stops it by PID)."""
     env = {**os.environ, "MESHJOBS_HOME": str(home), "MESHJOBS_SERVER": url}
-    with open(os.devnull, "rb") as devnull, log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "meshjobs", *args, "--region", "local", "--drain-timeout", f"{CHILD_DRAIN_S:g}"],
-            stdin=devnull,
-            stdout=out,
-            stderr=out,
-            env=env,
-            start_new_session=True,  # a Ctrl-C reaches the demo, which stops each child itself
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
-        )
-    return Child(label, process, log)
+    argv = [sys.executable, "-m", "meshjobs", *args, "--region", "local", "--drain-timeout", f"{CHILD_DRAIN_S:g}"]
+    # In its own session: a Ctrl-C reaches the demo, which stops each child itself.
+    return Child(label, launch(argv, log, detach=False, env=env), log)
 
 
 async def _stop(children: list[Child]) -> None:

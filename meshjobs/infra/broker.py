@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +67,58 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
+def launch(
+    command: list[str], log_path: Path, *, detach: bool, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start *command* in its own session, stdin from /dev/null, output appended to *log_path*.
+
+    Unless *detach*, the child is bound to this process's life (see :func:`die_with_parent`).
+    """
+    with open(os.devnull, "rb") as devnull, log_path.open("ab") as log:
+        return subprocess.Popen(
+            command,
+            stdin=devnull,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent if sys.platform == "linux" and not detach else None,
+        )
+
+
+def await_log(
+    log_path: Path,
+    offset: int,
+    process: subprocess.Popen[bytes] | None,
+    timeout: float,
+    ready: Callable[[str], bool],
+    poll: float = 0.05,
+) -> tuple[bool, str]:
+    """Read *log_path* from *offset* until ``ready(text)``, the process exits, or *timeout*: (ready, text)."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        with log_path.open("rb") as log:
+            log.seek(offset)
+            text = log.read().decode("utf-8", "replace")
+        if ready(text):
+            return True, text
+        if process is not None and process.poll() is not None:
+            break
+        time.sleep(poll)
+    return False, text
+
+
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM by PID, then SIGKILL if it does not exit in time."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
+
+
 @dataclass
 class NatsServer:
     """One nats-server process started from a rendered config file."""
@@ -109,34 +161,25 @@ class NatsServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_text)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(os.devnull, "rb") as devnull, self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(binary), "-c", str(self.config_path)],
-                stdin=devnull,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                preexec_fn=die_with_parent if sys.platform == "linux" and not self.detach else None,
-            )
+        self.process = launch([str(binary), "-c", str(self.config_path)], self.log_path, detach=self.detach)
         self.pid_path.write_text(f"{self.process.pid}\n")
         self._wait_ready(offset, timeout)
         return self
 
     def _wait_ready(self, offset: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        text = ""
-        while time.monotonic() < deadline:
-            with self.log_path.open("rb") as log:
-                log.seek(offset)
-                text = log.read().decode("utf-8", "replace")
-            if (client := _CLIENT_RE.search(text)) and _READY in text:
-                self.port = int(client.group(2))
-                if monitor := _MONITOR_RE.search(text):
-                    self.monitor_port = int(monitor.group(2))
-                return
-            if self.process is not None and self.process.poll() is not None:
-                break
-            time.sleep(0.02)
+        ready, text = await_log(
+            self.log_path,
+            offset,
+            self.process,
+            timeout,
+            lambda text: _READY in text and bool(_CLIENT_RE.search(text)),
+            0.02,
+        )
+        if ready and (client := _CLIENT_RE.search(text)):
+            self.port = int(client.group(2))
+            if monitor := _MONITOR_RE.search(text):
+                self.monitor_port = int(monitor.group(2))
+            return
         errors = _ERROR_RE.findall(text)
         self.stop()
         why = errors[-1] if errors else f"not ready within {timeout:g} s"
@@ -146,14 +189,8 @@ class NatsServer:
         """SIGTERM by PID, then SIGKILL if it does not exit in time."""
         process, self.process = self.process, None
         self.pid_path.unlink(missing_ok=True)
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        if process is not None and process.poll() is None:
+            terminate(process, timeout)
 
     def kill(self) -> None:
         """SIGKILL by PID, for fault-injection tests."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshjobs.errors import BrokerError
-from meshjobs.infra.broker import die_with_parent
+from meshjobs.infra.broker import await_log, launch, terminate
 
 #: What ``meshjobs trust serve`` prints once it is reading evidence.
 TRUST_READY = "meshjobs trust service ready"
@@ -54,33 +54,16 @@ class ServiceProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = dict(os.environ if self.env is None else self.env, PYTHONUNBUFFERED="1")
-        with open(os.devnull, "rb") as devnull, self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                stdin=devnull,
-                stdout=log,
-                stderr=log,
-                env=env,
-                start_new_session=True,
-                preexec_fn=die_with_parent if sys.platform == "linux" and not self.detach else None,
-            )
+        self.process = launch(self.command, self.log_path, detach=self.detach, env=env)
         if self.detach:
             self.pid_path.write_text(f"{self.process.pid}\n")
         self._wait_ready(offset, timeout)
         return self
 
     def _wait_ready(self, offset: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        text = ""
-        while time.monotonic() < deadline:
-            with self.log_path.open("rb") as log:
-                log.seek(offset)
-                text = log.read().decode("utf-8", "replace")
-            if self.ready_text in text:
-                return
-            if self.process is not None and self.process.poll() is not None:
-                break
-            time.sleep(0.05)
+        ready, text = await_log(self.log_path, offset, self.process, timeout, lambda text: self.ready_text in text)
+        if ready:
+            return
         self.stop()
         last = [line for line in text.splitlines() if line.strip()][-1:] or [f"not ready within {timeout:g} s"]
         raise BrokerError(f"{self.name} failed to start: {last[0]} (log: {self.log_path})")
@@ -105,12 +88,7 @@ class ServiceProcess:
             self.pid_path.unlink(missing_ok=True)
             if process.poll() is not None:
                 return False
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout)
+            terminate(process, timeout)
             return True
         pid = self.running_pid()
         self.pid_path.unlink(missing_ok=True)
