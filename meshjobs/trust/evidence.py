@@ -17,8 +17,9 @@ submitter; the same job, capability and arguments throughout; the values equal
 
 :func:`assess` then weighs the evidence (see :mod:`meshjobs.trust.record` for
 the score): the weight of a piece scales with the **submitter's standing**
-(anchors, that is operators, pre-trusted keys and the service itself, 1; a
-peer with a record, its score; an unknown key :data:`FRESH_STANDING`), and a
+(anchors, that is operators, pre-trusted keys and the service itself, 1; any
+other key :data:`FRESH_STANDING`, whatever its record as a worker: see
+:meth:`Standing.submitter`), and a
 ``wrong`` report counts only when the agreeing side's combined trust (the sum
 of their scores, an anchor counting 1) exceeds the accused's: a peer in a
 minority is not punished unless it is outweighed.
@@ -70,9 +71,9 @@ SUCCESS_WEIGHT = 0.2  # the peer answered: nobody checked the value
 AGREE_WEIGHT = 1.0  # the value matched credible peers' values for the same request
 WRONG_WEIGHT = 5.0  # the value was outweighed by credible peers' one other value
 FAILURE_WEIGHT = 1.0  # failure, timeout, rejected, disputed: unproven
-#: The standing of a key nobody vouches for: 20 of them filing reports weigh 0.4 of one operator's.
+#: The standing of a submitter that is not an anchor: 20 of them filing reports weigh 0.4 of one operator's.
 FRESH_STANDING = 0.02
-#: Submitters at least this trusted count towards ``verified`` and ``wrong`` and can quarantine.
+#: Submitters at least this trusted count towards ``verified`` and ``wrong`` and can quarantine: anchors.
 CREDIBLE_STANDING = 0.5
 #: An agreement is *verified* when the agreeing side's trust reaches this.
 VERIFY_TRUST = 0.5
@@ -310,8 +311,19 @@ class Standing:
         return 1.0 if key in self.anchors else max(0.0, min(1.0, self.credibility(key)))
 
     def submitter(self, key: str) -> float:
-        """How much a submitter's reports weigh: like :meth:`trust`, but never below :data:`FRESH_STANDING`."""
-        return max(FRESH_STANDING, self.trust(key))
+        """How much a submitter's reports weigh: 1 for an anchor, else :data:`FRESH_STANDING`.
+
+        A worker's credibility is its weight as a worker (in a vote, a
+        tie-break), not as a witness: a worker reporting on other workers has a
+        stake in what it reports. Were it otherwise, cheaters that first earned
+        credibility by honest work could file evidence with their own keys
+        whose proof fully verifies (one asks an honest peer, two sign another
+        value for the same request) and quarantine honest peers, or report
+        agreement among themselves and vouch each other's records up. So only
+        anchors' reports count in full; everyone else's together add at most
+        :data:`~meshjobs.trust.record.MINOR_CAP` to a record, as fresh keys'.
+        """
+        return 1.0 if key in self.anchors else FRESH_STANDING
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,16 @@ with the amount of evidence, so an unknown peer scores 0 (and never passes
 
 **Credibility** (:meth:`Record.credibility`) is the same bound counting as
 good only what agreement with credible peers proved; it is what a peer weighs
-in a vote and as a submitter. Trust thus flows from the anchors (operators,
-pre-trusted keys): unverified successes, and agreement among peers nobody
-credible has checked, never make anyone credible.
+in a vote, never as a submitter (see
+:meth:`~meshjobs.trust.evidence.Standing.submitter`). Trust thus flows from
+the anchors (operators, pre-trusted keys): unverified successes, and agreement
+among peers nobody credible has checked, never make anyone credible.
 
-**Keys nobody vouches for.** All evidence from submitters whose standing is
-below :data:`MINOR_STANDING` together adds at most :data:`MINOR_CAP` good and
-:data:`MINOR_CAP` bad to a record (decaying like the rest): fresh keys cost
-nothing to make, so their number must not matter. Twenty of them filing false
-reports move any score by less than 0.05.
+**Submitters that are not anchors.** All evidence from submitters whose
+standing is below :data:`MINOR_STANDING` (every key but the anchors) together
+adds at most :data:`MINOR_CAP` good and :data:`MINOR_CAP` bad to a record
+(decaying like the rest): keys cost nothing to make, so their number must not
+matter. Twenty of them filing false reports move any score by less than 0.05.
 
 **Automatic quarantine** is the ``quarantined`` flag, set by a proven wrong
 result from a credible submitter (see :func:`~meshjobs.trust.evidence.assess`)
@@ -128,7 +129,7 @@ class Record(Wire):
         return wilson_lower(*self.decayed(now))
 
     def credibility(self, now: int | None = None) -> float:
-        """The score counting only proven good: the peer's weight in a vote and as a submitter.
+        """The score counting only proven good: the peer's weight in a vote and a tie-break.
 
         Only agreement with credible peers (in the end, with anchors) is proven,
         so a collective that only vouches for itself stays at 0.

@@ -257,16 +257,15 @@ def test_a_proven_agreement_counts_much_more_than_a_success() -> None:
     assert weak.good == pytest.approx(success.good) and not weak.verified
 
 
-def test_weight_scales_with_the_submitters_standing() -> None:
-    peer_submitter = Identity.generate()
+def test_weight_scales_with_the_submitters_standing_and_a_workers_record_is_none() -> None:
+    peer_submitter = Identity.generate()  # a credible worker, submitting
     records = {peer_submitter.public_key: good_record(peer_submitter, 10)}
+    assert records[peer_submitter.public_key].credibility(NOW) > 0.7
     weights = [
         assess(piece("failure", HONEST, by=by), standing(records), NOW).bad
         for by in (OPERATOR, peer_submitter, Identity.generate())
     ]
-    assert weights[0] == 1.0
-    assert weights[1] == pytest.approx(records[peer_submitter.public_key].credibility(NOW))
-    assert weights[2] == FRESH_STANDING
+    assert weights == [1.0, FRESH_STANDING, FRESH_STANDING]
 
 
 @pytest.mark.parametrize("history", [0.0, 0.5, 1.0, 1.2, 2.0, 3.0, 5.0, 10.0, 50.0])
@@ -410,3 +409,36 @@ def test_credibility_flows_from_the_anchors_and_a_collective_cannot_make_its_own
         Record(peer=OTHER.public_key), piece("agree", OTHER, proof=[(HONEST, 9)]), standing({HONEST.public_key: honest})
     )
     assert 0 < other.credibility(NOW) and other.verified == 1
+
+
+def test_credible_workers_cannot_frame_an_honest_peer_or_vouch_each_other_up() -> None:
+    """Cheaters that earned credibility by honest work, then file evidence with their own worker keys.
+
+    Their credibility is their weight as workers (in a vote, a tie-break), not
+    as witnesses: a worker reporting on other workers has a stake in the
+    outcome, so its reports weigh as little as a stranger's.
+    """
+    crew = [Identity.generate() for _ in range(4)]
+    records = {c.public_key: good_record(c, 12) for c in crew}
+    honest = good_record(HONEST, 4)
+    records[HONEST.public_key] = honest
+    assert all(records[c.public_key].credibility(NOW) > 0.7 for c in crew)
+    assert honest.credibility(NOW) < 2 * records[crew[0].public_key].credibility(NOW)
+    # Framing: one of them asks the honest peer, two others sign a different value for the same request.
+    framed = honest
+    for n in range(20):
+        evidence = piece("wrong", HONEST, 9, by=crew[0], proof=[(crew[1], 10), (crew[2], 10)], job=f"job-{n:06d}-fram")
+        verdict = assess(evidence, standing(records), NOW)
+        assert verdict.valid and verdict.side > verdict.accused  # the proof itself verifies and outweighs
+        assert not verdict.quarantine and not verdict.wrong
+        framed = framed.fold(verdict, evidence, received_ms=NOW, stream_seq=n + 1)
+    assert not framed.quarantined and framed.wrong == 0
+    assert honest.score(NOW) - framed.score(NOW) < 0.05
+    # Vouching: they report agreement among themselves, with fully signed proof.
+    pumped = records[crew[3].public_key]
+    for n in range(20):
+        evidence = piece("agree", crew[3], 10, by=crew[0], proof=[(crew[1], 10)], job=f"job-{n:06d}-vouc")
+        pumped = pumped.fold(assess(evidence, standing(records), NOW), evidence, received_ms=NOW, stream_seq=n + 1)
+    before = records[crew[3].public_key]
+    assert pumped.verified == before.verified
+    assert pumped.credibility(NOW) - before.credibility(NOW) < 0.05
