@@ -210,14 +210,12 @@ class Router:
                 infos.setdefault(info.peer, info)
         records = await self.book.records(list(infos))
         wanted = constraints.peer
-        if wanted and wanted in infos and (self.board.is_quarantined(wanted) or records[wanted].auto_quarantined()):
-            raise Rejected(Reason.QUARANTINED, f"peer {wanted[:12]}… is quarantined")
-        if wanted and self.is_convicted(wanted):
-            raise Rejected(Reason.QUARANTINED, f"peer {wanted[:12]}… returned a result proven wrong to this submitter")
+        if wanted and (why := self.refusal(wanted, records.get(wanted))):
+            raise Rejected(Reason.QUARANTINED, f"peer {wanted[:12]}… {why}")
         found = []
         for peer, info in infos.items():
             record = records[peer]
-            if self.board.is_quarantined(peer) or record.auto_quarantined() or self.is_convicted(peer):
+            if self.refusal(peer, record):
                 continue
             if deterministic and capability not in info.deterministic:
                 continue
@@ -230,6 +228,22 @@ class Router:
             # Stable: the ranking holds within each part; other regions are the emergency fallback.
             ranked.sort(key=lambda c: not (c.info.region == constraints.prefer_region and c.info.is_attested("region")))
         return ranked
+
+    def refusal(self, peer: str, record: Record | None = None) -> str:
+        """Why this router takes no result from *peer*, or "" when it does.
+
+        An operator's quarantine order, the trust service's automatic
+        quarantine (in *record*, else the watched copy), or a wrong result this
+        router proved itself (see :meth:`convict`).
+        """
+        if self.board.is_quarantined(peer):
+            return "is quarantined"
+        record = record if record is not None else self.book.cached(peer)
+        if record is not None and record.auto_quarantined():
+            return "is quarantined"
+        if self.is_convicted(peer):
+            return "returned a result proven wrong to this submitter"
+        return ""
 
     def convict(self, peer: str) -> None:
         """Stop routing to *peer*: this router holds proof of a wrong result (until an operator releases it)."""
@@ -338,8 +352,8 @@ class Router:
             return ("rejected" if own else ""), exc.result, exc
         except NoPeerError as exc:
             return "", None, exc
-        if self.board.is_quarantined(outcome.worker):
-            return "", None, Rejected(Reason.QUARANTINED, f"{peer[:12]}… was quarantined while it ran the job")
+        if why := self.refusal(outcome.worker):
+            return "", None, Rejected(Reason.QUARANTINED, f"{peer[:12]}… {why} (found while it ran the job)")
         return "success", outcome, None
 
     async def submit(

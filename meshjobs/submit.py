@@ -26,7 +26,7 @@ from typing import Any
 from meshjobs.client import Client, Outcome
 from meshjobs.durable import Durable, Journal, settle_stored
 from meshjobs.envelope import new_job_id
-from meshjobs.errors import HandlerError, JobTimeout, MeshError, NoPeerError, Rejected, UsageError
+from meshjobs.errors import HandlerError, JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
 from meshjobs.router import Attempt, Constraints, Router
 from meshjobs.runtime.app import PEER_KINDS
 from meshjobs.trust.policy import TrustPolicy
@@ -235,6 +235,8 @@ class Submitter:
         """The plain path: the queue group (or one peer), with the outcome filed as evidence."""
         router = self.router
         job_id = options.job_id or new_job_id()
+        if router is not None and options.peer and (why := router.refusal(options.peer)):
+            raise Rejected(Reason.QUARANTINED, f"peer {options.peer[:12]}… {why}")
         try:
             outcome = await self.client.submit(
                 capability, args, timeout=options.timeout, peer=options.peer, job_id=job_id, peer_wait=options.peer_wait
@@ -244,9 +246,11 @@ class Submitter:
                 router.report("failure", exc.result.worker, exc.result, job_id, capability, detail=str(exc))
             raise
         if router is not None:
-            if router.board.is_quarantined(outcome.worker):
+            if why := router.refusal(outcome.worker):
+                if options.peer:  # quarantined while it ran: the peer asked for gives no result
+                    raise Rejected(Reason.QUARANTINED, f"peer {outcome.worker[:12]}… {why}")
                 # Never a quarantined peer's result: run it again on a peer in good standing.
-                log.info("job %s: the queue group answered from quarantined %s…; routing", job_id, outcome.worker[:12])
+                log.info("job %s: answered by %s…, which %s; routing", job_id, outcome.worker[:12], why)
                 again = await router.submit(capability, args, timeout=options.timeout, job_id=job_id)
                 return again.outcome
             router.report("success", outcome.worker, outcome, job_id, capability)

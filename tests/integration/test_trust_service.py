@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from meshjobs.infra.broker import NatsServer, embedded
 from meshjobs.infra.topology import OPERATOR, PEER_ROLES, TRUST_SERVICE
 from meshjobs.router import Constraints, Router
 from meshjobs.state import open_bucket, provision
+from meshjobs.submit import SubmitOptions, Submitter
 from meshjobs.trust.evidence import Evidence
 from meshjobs.trust.quarantine import QuarantineBoard
 from meshjobs.trust.record import Record
@@ -337,6 +339,35 @@ async def test_proven_wrong_results_quarantine_a_cheater_until_an_operator_relea
     assert "appeal granted" in record.reason and record.wrong == 1
     text = await asyncio.to_thread(meshjobs, "reputation", cheat, "--evidence", env=env)
     assert "released by operator" in text.stdout and "outweighed the peer's" in text.stdout, text.stdout
+
+
+async def test_plain_submit_takes_no_result_from_a_peer_the_service_quarantined(mesh: Mesh) -> None:
+    """A quarantined worker that stays in its queue group (this one does not read the service's records,
+    as a cheater would not) still never answers a plain submit: the submitter refuses and routes it."""
+    cheat = mesh.workers["cheat"].public_key
+    job = "job-svc-000000009"
+    bad, right = await mesh.run("cheat", 9, job), await mesh.run("anchor", 9, job)
+    await _wrong(mesh, cheat, job, bad, right)
+    await mesh.record(cheat, lambda r: r.quarantined)
+    router = await _router(mesh)
+    try:
+        deadline = time.monotonic() + 5
+        while not router.refusal(cheat):
+            assert time.monotonic() < deadline, "the router's watched copy never showed the quarantine"
+            await asyncio.sleep(0.05)
+        submitter = Submitter(mesh.client, router)
+        answered: Counter[str] = Counter()
+        for x in range(30):  # the queue group of three picks each member: (2/3)^30 that it never picks the cheat
+            done = await submitter.submit("svc.square", {"x": x}, SubmitOptions(verify="off", timeout=10))
+            assert done.outcome.value == x * x
+            answered[done.outcome.worker] += 1
+        assert cheat not in answered and sum(answered.values()) == 30
+        # Asked for by name, it is refused before anything is sent.
+        with pytest.raises(Rejected) as refused:
+            await submitter.submit("svc.square", {"x": 2}, SubmitOptions(verify="off", peer=cheat, timeout=10))
+        assert refused.value.code == Reason.QUARANTINED
+    finally:
+        await router.close()
 
 
 async def _wrong(mesh: Mesh, peer: str, job: str, bad: Outcome, right: Outcome) -> Evidence:
