@@ -38,6 +38,10 @@ Verify = Callable[[bytes, str, Capability, float | None], Envelope]
 
 log = logging.getLogger("meshjobs.durable")
 ACK_WAIT = 5.0  # redelivery after a crash; in-progress acks keep long jobs alive
+#: How long one pull waits for a job: also how late a quarantine can stop a pull already waiting.
+FETCH_WAIT = 1.0
+#: How often a paused (quarantined) runner looks again.
+PAUSED_POLL = 0.2
 
 
 class DurableRunner:
@@ -54,7 +58,10 @@ class DurableRunner:
         *,
         observer: JobObserver | None = None,
         approvals: ApprovalGate | None = None,
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
+        #: While true (the worker is quarantined), nothing new is pulled: the other workers take the queue.
+        self.paused = paused
         self.approvals = approvals  # gated capabilities wait here for a signed approval (in-progress acks go on)
         self.durable = durable
         self.observer = observer or JobObserver()  # $SRV.STATS and metrics: runs, redeliveries, dead letters
@@ -109,8 +116,12 @@ class DurableRunner:
             if self._stopping.is_set():
                 self._free.release()
                 return
+            if self.paused():
+                self._free.release()
+                await asyncio.sleep(PAUSED_POLL)
+                continue
             try:
-                msgs = await sub.fetch(1, timeout=1.0)
+                msgs = await sub.fetch(1, timeout=FETCH_WAIT)
             except (nats.errors.TimeoutError, TimeoutError):
                 self._free.release()
                 continue

@@ -335,6 +335,7 @@ class Worker:
                         self._slots,
                         observer=self.observer,
                         approvals=self.approvals,
+                        paused=self.quarantined,
                     )
                     await runner.start()
                     self.durable = runner

@@ -13,6 +13,7 @@ import nats
 import pytest
 
 from meshjobs import App, Client, Constraints, JobTimeout, NoPeerError, SubmitOptions, Submitter, TrustPolicy, Worker
+from meshjobs.durable import Durable
 from meshjobs.identity import Identity
 from meshjobs.infra.broker import NatsServer
 from meshjobs.router import Router
@@ -140,5 +141,31 @@ async def test_a_quarantined_worker_leaves_its_queue_groups(live: Live) -> None:
                 return not await gone()
 
             assert await wait_until(back, 3.0) <= 3.0
+    finally:
+        await operator_nc.close()
+
+
+async def test_a_quarantined_worker_takes_no_durable_jobs_until_released(live: Live) -> None:
+    cap = f"{live.prefix}.audit"
+    operator_nc = await nats.connect(live.url)
+    operators = frozenset({live.operator.public_key})
+    try:
+        async with await Client.connect(live.url, live.submitter) as client:
+            durable = await Durable.open(client.nc)
+            first = await durable.submit(live.submitter, cap, {"code": "ab"})
+            assert (await durable.wait(first, 10))[0].value == "audited 2"
+            await issue_order(operator_nc, live.operator, live.worker.peer, "quarantine", "test", operators=operators)
+
+            async def quarantined() -> bool:
+                return live.worker.quarantined()
+
+            await wait_until(quarantined, 1.0)
+            await asyncio.sleep(1.2)  # a pull already waiting when the order came ends within a second
+            held = await durable.submit(live.submitter, cap, {"code": "abc"})
+            with pytest.raises(JobTimeout):
+                await durable.wait(held, 2.0)  # the only worker is quarantined: the job waits in the queue
+            assert "audit" not in live.runs[1:]
+            await issue_order(operator_nc, live.operator, live.worker.peer, "release", "cleared", operators=operators)
+            assert (await durable.wait(held, 10))[0].value == "audited 3"
     finally:
         await operator_nc.close()
