@@ -245,6 +245,11 @@ class Router:
             return "returned a result proven wrong to this submitter"
         return ""
 
+    def refuse(self, worker: str, what: str) -> None:
+        """Raise ``quarantined`` when this router takes no result from *worker* (see :meth:`refusal`)."""
+        if why := self.refusal(worker):
+            raise Rejected(Reason.QUARANTINED, f"{what}: the result comes from {worker[:12]}…, which {why}")
+
     def convict(self, peer: str) -> None:
         """Stop routing to *peer*: this router holds proof of a wrong result (until an operator releases it)."""
         self.convicted.setdefault(peer, now_ms())

@@ -248,7 +248,7 @@ class Submitter:
         if router is not None:
             if why := router.refusal(outcome.worker):
                 if options.peer:  # quarantined while it ran: the peer asked for gives no result
-                    raise Rejected(Reason.QUARANTINED, f"peer {outcome.worker[:12]}… {why}")
+                    router.refuse(outcome.worker, f"job {job_id}")
                 # Never a quarantined peer's result: run it again on a peer in good standing.
                 log.info("job %s: answered by %s…, which %s; routing", job_id, outcome.worker[:12], why)
                 again = await router.submit(capability, args, timeout=options.timeout, job_id=job_id)
@@ -265,5 +265,7 @@ class Submitter:
         """Wait up to *timeout* seconds for a durable job's signed result; raise what a failure means."""
         durable = await Durable.open(self.client.nc, journal=self.journal)
         found: tuple[Any, bytes] = await durable.wait(job_id, timeout)
+        if self.router is not None:
+            self.router.refuse(found[0].worker, f"job {job_id}")
         settle_stored(job_id, found)
         return found

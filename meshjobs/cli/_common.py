@@ -216,6 +216,21 @@ async def open_router(client: Client) -> Router | None:
         return None
 
 
+async def refuse_quarantined(client: Client, job_id: str, found: Any) -> None:
+    """Raise ``quarantined`` when a durable job's stored result comes from a peer this home's policy refuses.
+
+    A quarantined worker stops taking durable jobs, but one that ignores its
+    quarantine can still answer them: its result is never shown.
+    """
+    router = await open_router(client)
+    if router is None:
+        return
+    try:
+        router.refuse(found[0].worker, f"job {job_id}")
+    finally:
+        await router.close()
+
+
 def print_value(found: Any, as_json: bool, job_id: str) -> None:
     """Print a stored result like `submit` does, raising what a failure means."""
     result, frame = found

@@ -16,6 +16,7 @@ from meshjobs.cli._common import (
     identity_for_use,
     metrics_options,
     print_value,
+    refuse_quarantined,
     run,
     server_option,
     servers,
@@ -84,11 +85,13 @@ def result(job_id: str, wait_s: float, as_json: bool, server: str) -> None:
     """A durable job's verified result (exit codes as for `submit`; 4 while there is none)."""
 
     async def go() -> None:
-        nc, durable = await _open(server)
-        try:
+        from meshjobs.client import Client
+        from meshjobs.durable import Durable
+
+        async with await Client.connect(servers(server), identity_for_use()) as client:
+            durable = await Durable.open(client.nc, journal=journal())
             found = await wait_showing_attempts(durable, job_id, wait_s) if wait_s else await durable.wait(job_id, 0)
-        finally:
-            await close_quietly(nc)
+            await refuse_quarantined(client, job_id, found)
         print_value(found, as_json, job_id)
 
     run(go())

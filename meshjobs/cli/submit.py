@@ -20,6 +20,7 @@ from meshjobs.cli._common import (
     local_policy,
     open_router,
     print_value,
+    refuse_quarantined,
     run,
     server_option,
     servers,
@@ -138,6 +139,7 @@ def submit(ctx: click.Context, /, capability: str, json_args: str | None, **opts
                     click.echo(job_id)
                     return
                 found = await wait_showing_attempts(durable, job_id, opts["wait_s"])
+                await refuse_quarantined(client, job_id, found)
                 print_value(found, opts["as_json"], job_id)
                 return
             async with Submitter(client, await open_router(client)) as submitter:

@@ -8,16 +8,20 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import nats
 import pytest
 
 from meshjobs import App, Client, Constraints, JobTimeout, NoPeerError, SubmitOptions, Submitter, TrustPolicy, Worker
 from meshjobs.durable import Durable
-from meshjobs.identity import Identity
+from meshjobs.errors import Reason, Rejected
+from meshjobs.identity import IDENTITY_FILE, Identity, save_identity
 from meshjobs.infra.broker import NatsServer
 from meshjobs.router import Router
+from meshjobs.trust.policy import TRUST_FILE
 from meshjobs.trust.quarantine import issue_order
+from tests.conftest import cli_env, meshjobs
 
 pytestmark = pytest.mark.integration
 
@@ -169,3 +173,45 @@ async def test_a_quarantined_worker_takes_no_durable_jobs_until_released(live: L
             assert (await durable.wait(held, 10))[0].value == "audited 3"
     finally:
         await operator_nc.close()
+
+
+async def test_a_durable_result_from_a_worker_ignoring_its_quarantine_is_refused(
+    broker: NatsServer, tmp_path: Path
+) -> None:
+    """This worker reads no operator's orders (a cheater would not either), so it keeps taking durable jobs;
+    the submitter, whose policy lists the operator, shows none of its results: CLI and library alike."""
+    cap = f"s{secrets.token_hex(4)}.audit"
+    app = App("stubborn")
+
+    @app.capability(cap, idempotent=True)
+    async def audit(code: str) -> str:
+        return f"audited {len(code)}"
+
+    submitter, operator = Identity.generate(), Identity.generate()
+    worker = Worker(app, Identity.generate(), TrustPolicy(frozenset({submitter.public_key})))
+    home = tmp_path / "home"
+    save_identity(submitter, home / IDENTITY_FILE)
+    (home / TRUST_FILE).write_text(f'[[operator]]\nkey = "{operator.public_key}"\n')
+    env = cli_env(home, broker.url)
+    nc = await nats.connect(broker.url)
+    await worker.start(nc)
+    try:
+        done = await asyncio.to_thread(meshjobs, "submit", "--durable", cap, '{"code": "ab"}', "--wait", "10", env=env)
+        assert done.returncode == 0 and done.stdout == '"audited 2"\n', done.stderr
+        operators = frozenset({operator.public_key})
+        await issue_order(nc, operator, worker.peer, "quarantine", "cheats", operators=operators)
+        out = await asyncio.to_thread(meshjobs, "submit", "--durable", cap, '{"code": "abc"}', "--wait", "10", env=env)
+        assert out.returncode == 5 and "[quarantined]" in out.stderr and "audited" not in out.stdout, out
+        queued = await asyncio.to_thread(meshjobs, "submit", "--durable", cap, '{"code": "abcd"}', env=env)
+        job_id = queued.stdout.strip()
+        shown = await asyncio.to_thread(meshjobs, "jobs", "result", job_id, "--wait", "10", env=env)
+        assert shown.returncode == 5 and "[quarantined]" in shown.stderr and "audited" not in shown.stdout, shown
+        async with await Client.connect(broker.url, submitter) as client:
+            async with await Submitter.open(client, TrustPolicy(operators=operators)) as library:
+                job = await library.enqueue(cap, {"code": "abcde"})
+                with pytest.raises(Rejected) as refused:
+                    await library.wait(job, 10)
+                assert refused.value.code == Reason.QUARANTINED
+    finally:
+        await worker.drain()
+        await nc.close()
