@@ -111,6 +111,9 @@ class FakeBook:
     async def records(self, peers: list[str]) -> dict[str, Record]:
         return {p: self._records.get(p) or Record(peer=p) for p in peers}
 
+    def cached(self, peer: str) -> Record | None:
+        return self._records.get(peer)
+
     def evidence_for(self, *args: Any, **kw: Any) -> Evidence:
         return ReputationBook.evidence_for(self, *args, **kw)  # type: ignore[arg-type]  # needs only .identity
 
