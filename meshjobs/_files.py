@@ -13,7 +13,8 @@ One reader, three levels of care, chosen by who could harm us through the file:
     that is the owner's own private group (as sshd's ``StrictModes`` requires
     of ``authorized_keys``, with Debian's allowance for user-private groups).
     Reading by others is fine: a trust file lists public keys only.
-``plain`` (topology files: examples users copy, and nothing secret)
+``plain`` (topology, persona and human capability files, attestations:
+    examples users copy, and nothing secret)
     A regular file.
 
 Every level refuses FIFOs, devices, sockets and directories *before* opening
@@ -148,6 +149,21 @@ def read_local_file(path: Path, *, what: str, max_bytes: int, care: Care, error:
     if size > max_bytes:  # it grew after the fstat
         raise error(f"{what} {path} is larger than {max_bytes} bytes")
     return b"".join(chunks)
+
+
+def read_local_text(path: Path, *, what: str, max_bytes: int, error: type[MeshError]) -> str:
+    """A small ``plain`` local file (persona, human capability, topology files) as UTF-8 text.
+
+    The checks of :func:`read_local_file`; here a missing file, too, raises *error*.
+    """
+    try:
+        data = read_local_file(path, what=what, max_bytes=max_bytes, care="plain", error=error)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not UTF-8 text") from None
 
 
 def write_replacing(path: Path, data: str | bytes, mode: int = 0o666) -> None:

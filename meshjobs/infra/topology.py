@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from meshjobs._files import read_local_text
 from meshjobs.errors import UsageError
 from meshjobs.identity import is_public_key
 
@@ -251,11 +252,5 @@ def parse_topology(text: str, path: Path) -> Topology:
 
 def load_topology(path: Path) -> Topology:
     """Read and validate a topology file; errors name the offending key."""
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_TOPOLOGY_BYTES + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read topology {path}: {exc.strerror}") from None
-    if len(data) > MAX_TOPOLOGY_BYTES:
-        raise UsageError(f"{path} is larger than {MAX_TOPOLOGY_BYTES} bytes")
-    return parse_topology(data.decode("utf-8", "replace"), path)
+    text = read_local_text(path, what="topology file", max_bytes=MAX_TOPOLOGY_BYTES, error=UsageError)
+    return parse_topology(text, path)

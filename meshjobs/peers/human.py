@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal, Protocol, get_type_hints
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import to_jsonable_python
 
+from meshjobs._files import read_local_text
 from meshjobs.durable import JobState
 from meshjobs.envelope import loads_strict, now_ms
 from meshjobs.errors import HandlerError, InvalidArguments, UsageError
@@ -187,17 +188,8 @@ class HumanFile(BaseModel):
 def load_human_file(path: str | Path) -> HumanFile:
     """Read and validate a human capability file; :class:`HumanFileError` names the file and the field."""
     path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_HUMAN_FILE_BYTES + 1)
-    except OSError as exc:
-        raise HumanFileError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
-    if len(data) > MAX_HUMAN_FILE_BYTES:
-        raise HumanFileError(f"{path}: larger than {MAX_HUMAN_FILE_BYTES // 1024} KiB")
-    try:
-        return parse_human_file(data.decode("utf-8"), str(path))
-    except UnicodeDecodeError:
-        raise HumanFileError(f"{path}: not UTF-8 text") from None
+    text = read_local_text(path, what="human capability file", max_bytes=MAX_HUMAN_FILE_BYTES, error=HumanFileError)
+    return parse_human_file(text, str(path))
 
 
 def parse_human_file(text: str, source: str = "<human file>") -> HumanFile:

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meshjobs import App
+from meshjobs._files import read_local_text
 from meshjobs.envelope import loads_strict
 from meshjobs.errors import HandlerError, UsageError
 
@@ -227,17 +228,7 @@ class Persona(BaseModel):
 def load_persona(path: str | Path) -> Persona:
     """Read and validate a persona file. Raises :class:`PersonaError` naming the file and the field."""
     path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_PERSONA_BYTES + 1)
-    except OSError as exc:
-        raise PersonaError(f"{path}: cannot read the persona file: {exc.strerror or exc}") from None
-    if len(data) > MAX_PERSONA_BYTES:
-        raise PersonaError(f"{path}: larger than {MAX_PERSONA_BYTES // 1024} KiB; not a persona file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PersonaError(f"{path}: not UTF-8 text") from None
+    text = read_local_text(path, what="persona file", max_bytes=MAX_PERSONA_BYTES, error=PersonaError)
     return parse_persona(text, str(path))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -147,14 +148,18 @@ def test_json_object_mode_allows_open_result_schemas() -> None:
 def test_persona_file_bounds(tmp_path: Path) -> None:
     big = tmp_path / "big.toml"
     big.write_text(GOOD + "#" * MAX_PERSONA_BYTES)
-    with pytest.raises(PersonaError, match=r"big.toml: larger than 256 KiB"):
+    with pytest.raises(PersonaError, match=r"big.toml is larger than 262144 bytes"):
         load_persona(big)
     binary = tmp_path / "bin.toml"
     binary.write_bytes(b"\xff\xfe" + GOOD.encode())
-    with pytest.raises(PersonaError, match=r"bin.toml: not UTF-8"):
+    with pytest.raises(PersonaError, match=r"bin.toml is not UTF-8"):
         load_persona(binary)
-    with pytest.raises(PersonaError, match=r"missing.toml: cannot read"):
+    with pytest.raises(PersonaError, match=r"missing.toml does not exist"):
         load_persona(tmp_path / "missing.toml")
+    fifo = tmp_path / "fifo.toml"  # refused at once, never opened to wait for a writer
+    os.mkfifo(fifo)
+    with pytest.raises(PersonaError, match=r"persona file .*fifo.toml is a FIFO"):
+        load_persona(fifo)
     fine = tmp_path / "fine.toml"
     fine.write_text(GOOD)
     assert load_persona(fine) == good()

@@ -100,7 +100,7 @@ def test_bad_files_name_the_field(tmp_path: Path) -> None:
         parse_human_file(FILE.replace('properties.fixed = { type = "string" }', 'properties.fixed = { format = "x" }'))
     with pytest.raises(HumanFileError, match="unknown field"):
         parse_human_file(FILE.replace("version = 1", "version = 1\nendpoint = 3"))
-    with pytest.raises(HumanFileError, match="cannot read"):
+    with pytest.raises(HumanFileError, match="missing.toml does not exist"):
         load_human_file(tmp_path / "missing.toml")
     (tmp_path / "h.toml").write_text(FILE)
     assert load_human_file(tmp_path / "h.toml").name == "reviewers"
@@ -361,9 +361,9 @@ def test_draft_signatures_are_their_own_kind() -> None:
     ("args", "text"),
     [
         (("human", "nope"), "expected MODULE:ATTR"),
-        (("human", "missing.toml"), "missing.toml: cannot read the file"),
+        (("human", "missing.toml"), "human capability file missing.toml does not exist"),
         (("human", "tests.human_app:nothing"), "has no attribute"),
-        (("hybrid", "missing.toml"), "cannot read the persona file"),
+        (("hybrid", "missing.toml"), "persona file missing.toml does not exist"),
     ],
 )
 def test_inbox_commands_fail_in_one_line(home: Path, args: tuple[str, ...], text: str) -> None:
