@@ -236,10 +236,8 @@ class Router:
         quarantine (in *record*, else the watched copy), or a wrong result this
         router proved itself (see :meth:`convict`).
         """
-        if self.board.is_quarantined(peer):
-            return "is quarantined"
         record = record if record is not None else self.book.cached(peer)
-        if record is not None and record.auto_quarantined():
+        if self.board.is_quarantined(peer) or (record is not None and record.auto_quarantined()):
             return "is quarantined"
         if self.is_convicted(peer):
             return "returned a result proven wrong to this submitter"

@@ -246,9 +246,9 @@ class Submitter:
                 router.report("failure", exc.result.worker, exc.result, job_id, capability, detail=str(exc))
             raise
         if router is not None:
-            if why := router.refusal(outcome.worker):
-                if options.peer:  # quarantined while it ran: the peer asked for gives no result
-                    router.refuse(outcome.worker, f"job {job_id}")
+            if options.peer:  # quarantined while it ran: the peer asked for gives no result
+                router.refuse(outcome.worker, f"job {job_id}")
+            elif why := router.refusal(outcome.worker):
                 # Never a quarantined peer's result: run it again on a peer in good standing.
                 log.info("job %s: answered by %s…, which %s; routing", job_id, outcome.worker[:12], why)
                 again = await router.submit(capability, args, timeout=options.timeout, job_id=job_id)
