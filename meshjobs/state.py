@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -215,16 +216,35 @@ def _refusal(nc: NATS | None, *subjects: str) -> Callable[[], str | None] | None
     return lambda: next((s for s in subjects if denied(nc, s)), None)
 
 
-async def read_subject(js: JetStreamContext, stream: str, subject: str, *, last_per_subject: bool = False) -> list[Msg]:
+async def read_subject(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    *,
+    last_per_subject: bool = False,
+    start_seq: int | None = None,
+    limit: int | None = None,
+    timeout: float = 10.0,
+) -> list[Msg]:
     """Every message of *subject* in *stream* (or the last of each subject), oldest first.
 
-    Read with an ephemeral pull consumer: pull requests are request/reply,
-    which crosses leaf links and gateways like any other request.
+    *start_seq* starts at that stream sequence; *limit* stops after that many
+    messages. Read with an ephemeral pull consumer: pull requests are
+    request/reply, which crosses leaf links and gateways like any other
+    request. A pull made before the new consumer's interest has reached the
+    server we are connected to is answered 503 (no responders): that, like any
+    :data:`TRANSIENT` failure, is retried within *timeout* seconds.
     """
-    policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
+    if last_per_subject:
+        policy = DeliverPolicy.LAST_PER_SUBJECT
+    elif start_seq is not None:
+        policy = DeliverPolicy.BY_START_SEQUENCE
+    else:
+        policy = DeliverPolicy.ALL
     config = ConsumerConfig(
         ack_policy=AckPolicy.NONE,
         deliver_policy=policy,
+        opt_start_seq=start_seq,
         filter_subject=subject,
         inactive_threshold=30.0,
         max_ack_pending=-1,
@@ -237,8 +257,11 @@ async def read_subject(js: JetStreamContext, stream: str, subject: str, *, last_
     out: list[Msg] = []
     try:
         remaining = info.num_pending or 0
+        if limit is not None:
+            remaining = min(remaining, limit)
         while remaining > 0:
-            msgs = await sub.fetch(min(remaining, 256), timeout=5)
+            pull = functools.partial(sub.fetch, min(remaining, 256), timeout=5)
+            msgs = await retrying(pull, timeout=timeout, what=f"read {stream} {subject}")
             remaining -= len(msgs)
             out += msgs
     finally:

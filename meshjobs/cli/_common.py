@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import click
 import nats.errors
+import nats.js.errors
 
 from meshjobs.client import Client
 from meshjobs.durable import settle_stored
@@ -137,6 +138,9 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     except (nats.errors.ConnectionClosedError, nats.errors.StaleConnectionError) as exc:
         # A broker that went away under a command that had no translation for it: still one line, exit 3.
         fail(f"lost the connection to NATS: {exc}", 3)
+    except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+        # JetStream that stayed unavailable past a command's retries (no leader, no quorum).
+        fail(f"JetStream is not available: {exc}", 3)
     except KeyboardInterrupt:
         fail("interrupted", 130)
 

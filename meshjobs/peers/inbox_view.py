@@ -27,6 +27,7 @@ import time
 import unicodedata
 from typing import ClassVar
 
+import nats.errors
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
@@ -237,7 +238,7 @@ class InboxView(App[None]):
     async def _claim(self, capability: str | None) -> None:
         try:
             job = await self.inbox.claim(capability)
-        except MeshError as exc:
+        except (MeshError, nats.errors.Error) as exc:  # the broker or JetStream failed under the claim
             self.say(f"could not claim: {exc}", error=True)
             return
         if job is None:

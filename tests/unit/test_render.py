@@ -76,3 +76,22 @@ def test_failures_print_peer_text_escaped_on_lines_of_their_own() -> None:
     out = CliRunner().invoke(boom, [])
     assert out.exit_code == 1
     assert out.output == f"meshjobs: handler failed: {SHOWN}\n  meshjobs: all good, exit 0\n"
+
+
+def test_jetstream_that_stays_unavailable_is_one_line_exit_3() -> None:
+    """A 503 from JetStream past a command's retries is a broker problem, not a traceback."""
+    import click
+    import nats.js.errors
+
+    from meshjobs.cli._common import run
+
+    async def unavailable() -> None:
+        raise nats.js.errors.ServiceUnavailableError
+
+    @click.command()
+    def look() -> None:
+        run(unavailable())
+
+    out = CliRunner().invoke(look, [])
+    assert out.exit_code == 3
+    assert out.output.startswith("meshjobs: JetStream is not available: ") and out.output.count("\n") == 1

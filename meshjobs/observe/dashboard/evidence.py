@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from meshjobs.state import DOMAIN
+from meshjobs.state import DOMAIN, read_subject
 from meshjobs.trust.reputation import STREAM, SUBJECT, Evidence
 
 #: Durable jobs whose queueing time is remembered (to tell their latency when they finish).
@@ -90,23 +89,5 @@ async def recent_evidence(nc: NATS, count: int) -> list[bytes]:
     if not state.messages or count <= 0:
         return []
     start = max(state.first_seq, state.last_seq - count + 1)
-    config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=start,
-        filter_subject=f"{SUBJECT}.>",
-        inactive_threshold=30.0,
-        max_ack_pending=-1,
-    )
-    consumer = await js.add_consumer(STREAM, config=config)
-    sub = await js.pull_subscribe_bind(consumer=consumer.name, stream=STREAM)
-    frames: list[bytes] = []
-    try:
-        remaining = min(consumer.num_pending or 0, count)
-        while remaining > 0:
-            msgs = await sub.fetch(min(remaining, 256), timeout=5)
-            remaining -= len(msgs)
-            frames += [m.data for m in msgs]
-    finally:
-        await sub.unsubscribe()
-    return frames
+    msgs = await read_subject(js, STREAM, f"{SUBJECT}.>", start_seq=start, limit=count)
+    return [m.data for m in msgs]
