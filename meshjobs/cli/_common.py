@@ -141,6 +141,9 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
         # JetStream that stayed unavailable past a command's retries (no leader, no quorum).
         fail(f"JetStream is not available: {exc}", 3)
+    except nats.errors.TimeoutError:
+        # A request to the broker or JetStream that no translation caught: one line, exit 3 as above.
+        fail("NATS did not answer in time", 3)
     except KeyboardInterrupt:
         fail("interrupted", 130)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import nats.errors
+import nats.js.errors
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
@@ -78,20 +80,27 @@ def test_failures_print_peer_text_escaped_on_lines_of_their_own() -> None:
     assert out.output == f"meshjobs: handler failed: {SHOWN}\n  meshjobs: all good, exit 0\n"
 
 
-def test_jetstream_that_stays_unavailable_is_one_line_exit_3() -> None:
-    """A 503 from JetStream past a command's retries is a broker problem, not a traceback."""
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (nats.js.errors.ServiceUnavailableError, "meshjobs: JetStream is not available: "),
+        (nats.errors.NoRespondersError, "meshjobs: JetStream is not available: "),
+        (nats.errors.TimeoutError, "meshjobs: NATS did not answer in time"),
+    ],
+)
+def test_a_broker_that_does_not_answer_is_one_line_exit_3(error: type[Exception], said: str) -> None:
+    """A 503 or a timeout from NATS past a command's retries is a broker problem, not a traceback."""
     import click
-    import nats.js.errors
 
     from meshjobs.cli._common import run
 
-    async def unavailable() -> None:
-        raise nats.js.errors.ServiceUnavailableError
+    async def unanswered() -> None:
+        raise error()
 
     @click.command()
     def look() -> None:
-        run(unavailable())
+        run(unanswered())
 
     out = CliRunner().invoke(look, [])
     assert out.exit_code == 3
-    assert out.output.startswith("meshjobs: JetStream is not available: ") and out.output.count("\n") == 1
+    assert out.output.startswith(said) and out.output.count("\n") == 1
