@@ -37,6 +37,9 @@ _LABELS = {"starting": "starting peers", "jobs": "jobs", "settling": "settling r
               help="camouflage: how often a cheater answers wrong.")  # fmt: skip
 @click.option("--k", "k", type=click.IntRange(0, 1_000_000), default=5, show_default=True,
               help="long-con: jobs a cheater answers honestly before it turns.")  # fmt: skip
+@click.option("--collude", is_flag=True,
+              help="camouflage, long-con: the cheaters act as one, returning one wrong value per job "
+                   "(camouflage: cheating on the same jobs), so checks between two of them agree.")  # fmt: skip
 @click.option("--verify", default="auto", show_default=True, help="The submitter's --verify: auto, off or quorum:N/M.")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True, help="Jobs in flight.")
 @click.option("--rate", type=Bounded(0.0, 100_000.0), default=0.0, show_default=True,
@@ -58,7 +61,8 @@ def sim(as_json: bool, check: bool, **opts: Any) -> None:
     Cheaters return correctly signed wrong values (--scenario): always-wrong;
     camouflage (wrong with probability --p); collective (all the same wrong
     value); long-con (honest for --k jobs, then wrong); forge (always wrong,
-    and forging reputation records and evidence with fresh keys).
+    and forging reputation records and evidence with fresh keys). With
+    --collude, camouflage and long-con cheaters act as one.
     Every process and file of the run is gone when it ends, Ctrl-C included.
     """
     from meshjobs.sim import SimConfig, run_sim
@@ -126,7 +130,8 @@ def _table(report: dict[str, Any], missed: list[str]) -> None:
 
     targets = {name: f"{op} {bound:g}" for name, op, bound in TARGETS}
     title = (
-        f"meshjobs sim: {report['scenario']}, seed {report['seed']}, {report['peers']} peers "
+        f"meshjobs sim: {report['scenario']}{' (colluding)' if report.get('collude') else ''}, "
+        f"seed {report['seed']}, {report['peers']} peers "
         f"({report['malicious']} malicious, {report['pretrusted']} pre-trusted), {report['jobs']} jobs, "
         f"{report['seconds']:g} s"
     )

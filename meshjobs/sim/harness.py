@@ -59,6 +59,8 @@ class SimConfig:
     """camouflage: how often a cheater answers wrong."""
     k: int = 5
     """long-con: jobs a cheater answers honestly before it turns."""
+    collude: bool = False
+    """camouflage, long-con: the cheaters act as one (one wrong value per job)."""
     verify: str = "auto"
     concurrency: int = 8
     """Jobs in flight at once."""
@@ -91,7 +93,14 @@ class SimConfig:
 
     def plan(self) -> Plan:
         return make_plan(
-            self.peers, self.malicious, self.scenario, self.seed, pretrusted=self.pretrusted, p=self.p, k=self.k
+            self.peers,
+            self.malicious,
+            self.scenario,
+            self.seed,
+            pretrusted=self.pretrusted,
+            p=self.p,
+            k=self.k,
+            collude=self.collude,
         )
 
 
@@ -255,6 +264,7 @@ class Harness:
                 seed=plan.seed,
                 p=plan.p,
                 k=plan.k,
+                collude=plan.collude,
                 peers=peers,
                 honest_keys=honest,
                 colluder_seeds=colluders,

@@ -64,6 +64,7 @@ class HostSpec(BaseModel):
     seed: int
     p: float
     k: int
+    collude: bool = False
     peers: list[PeerSpec]
     honest_keys: list[str] = []
     """Every honest peer of the run (targets of the forgers' false evidence)."""
@@ -102,7 +103,7 @@ def sim_app(behaviour: Behaviour, log_fd: int) -> App:
 
 async def _start_peer(spec: HostSpec, peer: PeerSpec, log_fd: int) -> tuple[Worker, NATS, Identity]:
     identity = Identity.from_seed_text(peer.seed)
-    behaviour = Behaviour(peer.honest, spec.scenario, spec.p, spec.k, spec.seed, peer.index)
+    behaviour = Behaviour(peer.honest, spec.scenario, spec.p, spec.k, spec.seed, peer.index, spec.collude)
     policy = load_trust(Path(spec.trust_file), required=True)
     config = WorkerConfig(
         name=f"sim-{peer.index:03d}",

@@ -13,6 +13,10 @@ answer depends on the scenario:
 - ``forge``: always wrong, and besides it forges reputation records and files
   false evidence with fresh submitter keys (see :mod:`meshjobs.sim.forge`).
 
+With ``collude``, ``camouflage`` and ``long-con`` cheaters act as one, as
+``collective`` ones do: they return one wrong value per job, and camouflage
+cheaters cheat on the same jobs, so a check between two of them agrees.
+
 The plan (who cheats, who is pre-trusted, every job's arguments) follows from
 the seed alone, so a run can be repeated; which peer runs which job is up to
 the mesh.
@@ -63,17 +67,21 @@ class Behaviour:
     k: int = 5
     seed: int = 0
     index: int = 0
+    collude: bool = False
+    """camouflage, long-con: cheat as one (the same wrong value; camouflage: on the same jobs)."""
 
     def answer(self, runs_before: int, x: int, salt: str) -> str:
         """The value this peer returns for a job, given how many jobs it ran before."""
         right = honest_value(x, salt)
         if self.honest:
             return right
-        if self.scenario == "camouflage" and _coin(self.seed, self.index, x, salt) >= self.p:
+        one = self.collude or self.scenario == "collective"
+        coin = _coin(self.seed, x, salt) if one else _coin(self.seed, self.index, x, salt)
+        if self.scenario == "camouflage" and coin >= self.p:
             return right
         if self.scenario == "long-con" and runs_before < self.k:
             return right
-        if self.scenario == "collective":
+        if one:
             return _wrong(x, salt)  # the same wrong value from every cheater
         return _wrong(self.index, x, salt)
 
@@ -93,17 +101,30 @@ class Plan:
     seed: int
     p: float
     k: int
+    collude: bool = False
 
     def behaviour(self, index: int) -> Behaviour:
-        return Behaviour(index not in self.malicious, self.scenario, self.p, self.k, self.seed, index)
+        return Behaviour(index not in self.malicious, self.scenario, self.p, self.k, self.seed, index, self.collude)
 
     @property
     def honest(self) -> frozenset[int]:
         return frozenset(range(self.peers)) - self.malicious
 
 
+#: Scenarios whose cheaters can be told to collude (``collective`` always does).
+COLLUDING = ("camouflage", "long-con")
+
+
 def make_plan(
-    peers: int, malicious: float, scenario: str, seed: int, *, pretrusted: int = 0, p: float = 0.3, k: int = 5
+    peers: int,
+    malicious: float,
+    scenario: str,
+    seed: int,
+    *,
+    pretrusted: int = 0,
+    p: float = 0.3,
+    k: int = 5,
+    collude: bool = False,
 ) -> Plan:
     """Choose the cheaters (``round(peers * malicious)`` of them) and the pre-trusted honest peers."""
     if scenario not in SCENARIOS:
@@ -116,6 +137,8 @@ def make_plan(
         raise UsageError("p must be between 0 and 1")
     if k < 0:
         raise UsageError("k cannot be negative")
+    if collude and scenario not in COLLUDING:
+        raise UsageError(f"collusion applies to {' and '.join(COLLUDING)} (collective cheaters always collude)")
     bad = round(peers * malicious)
     if not 0 <= pretrusted <= min(MAX_PRETRUSTED, peers - bad):
         raise UsageError(f"pre-trusted peers: at most {MAX_PRETRUSTED}, and only honest ones ({peers - bad} here)")
@@ -124,7 +147,7 @@ def make_plan(
     honest = sorted(set(range(peers)) - cheaters)
     anchors = frozenset(rng.sample(honest, pretrusted))
     chosen = next(s for s in SCENARIOS if s == scenario)
-    return Plan(peers, cheaters, anchors, chosen, seed, p, k)
+    return Plan(peers, cheaters, anchors, chosen, seed, p, k, collude)
 
 
 def job_args(seed: int, task: int) -> dict[str, Any]:

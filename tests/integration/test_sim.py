@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,42 @@ def test_small_run_reports_consistent_numbers(tmp_path: Path, home: Path) -> Non
     assert all(p["wrong_answers"] == 0 for p in detail if p["role"] != "malicious")
     assert all(p["wrong_answers"] == p["executions"] for p in detail if p["role"] == "malicious")
     assert list(tmp.iterdir()) == [] and leftovers(tmp) == []
+
+
+def test_colluding_cheaters_return_one_wrong_value_per_job(tmp_path: Path, home: Path) -> None:
+    """--collude reaches every worker process: cheaters that turned agree with each other, honest peers never."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    args = (
+        "--peers",
+        "8",
+        "--malicious",
+        "0.5",
+        "--jobs",
+        "30",
+        "--seed",
+        "2",
+        "--processes",
+        "2",
+        "--pretrusted",
+        "1",
+    )
+    out = sim(tmp, home, *args, "--scenario", "long-con", "--k", "0", "--collude", "--keep", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["collude"] is True and report["k"] == 0
+    workdir = Path(report["workdir"])
+    try:
+        runs = [json.loads(line) for line in (workdir / "executions.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(workdir)
+    cheaters = {p["index"] for p in report["detail"] if p["role"] == "malicious"}
+    by_task: dict[int, list[str]] = {}
+    for run in runs:
+        if int(run["peer"]) in cheaters:
+            by_task.setdefault(int(run["task"]), []).append(run["value"])
+    assert all(len(set(values)) == 1 for values in by_task.values())
+    assert any(len(values) > 1 for values in by_task.values())  # two cheaters ran one job, and agreed
 
 
 def test_ctrl_c_stops_every_process_and_removes_the_run(tmp_path: Path, home: Path) -> None:

@@ -47,6 +47,23 @@ def test_behaviours() -> None:
     assert Behaviour(False, "forge").forges and not Behaviour(True, "forge").forges
 
 
+def test_colluding_cheaters_act_as_one() -> None:
+    """--collude: one wrong value per job; camouflage cheaters cheat on the same jobs."""
+    camo = [Behaviour(False, "camouflage", p=0.3, seed=1, index=i, collude=True) for i in range(4)]
+    for x in range(300):
+        answers = {c.answer(0, x, "s") for c in camo}
+        assert len(answers) == 1  # all right or all the same wrong value
+    cheated = sum(camo[0].answer(0, x, "s") != honest_value(x, "s") for x in range(2000))
+    assert 500 < cheated < 700
+    alone = [Behaviour(False, "camouflage", p=0.3, seed=1, index=i) for i in range(4)]
+    assert any(len({c.answer(0, x, "s") for c in alone}) > 1 for x in range(50))
+    turned = {Behaviour(False, "long-con", k=2, index=i, collude=True).answer(2, 1, "a") for i in range(4)}
+    assert len(turned) == 1 and honest_value(1, "a") not in turned
+    with pytest.raises(UsageError, match="collusion applies to camouflage and long-con"):
+        make_plan(40, 0.3, "always-wrong", 0, collude=True)
+    assert make_plan(40, 0.3, "long-con", 0, collude=True).behaviour(0).collude
+
+
 def test_summary_numbers() -> None:
     plan = make_plan(4, 0.25, "always-wrong", 1, pretrusted=1)
     (bad,) = plan.malicious
