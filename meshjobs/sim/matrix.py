@@ -7,6 +7,8 @@ to ``--out`` as one JSON line. Runs already in the file are not repeated, so
 an interrupted matrix resumes where it stopped, and ``--table-only`` just
 prints the table from the file. The table (Markdown, for the README) holds
 per scenario the means, and the worst run where the target is per run.
+``--collude`` runs colluding camouflage and long-con cheaters (``meshjobs sim
+--collude``); their rows are marked "(colluding)".
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from statistics import mean
 from typing import Any
 
 from meshjobs.sim.report import CATCH_ALL
-from meshjobs.sim.scenarios import SCENARIOS
+from meshjobs.sim.scenarios import COLLUDING, SCENARIOS
 
 #: (column title, key in :func:`reduce`'s result, target as the issue states it)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -78,17 +80,18 @@ def _cell(name: str, value: float) -> str:
 
 def markdown(reports: list[dict[str, Any]]) -> str:
     """The README table: one row per scenario, a mark on every cell that misses its target."""
-    by_scenario: dict[str, list[dict[str, Any]]] = {}
+    by_scenario: dict[tuple[str, bool], list[dict[str, Any]]] = {}
     for report in reports:
-        by_scenario.setdefault(report["scenario"], []).append(report)
+        by_scenario.setdefault((report["scenario"], bool(report.get("collude"))), []).append(report)
     header = ["scenario", "runs", *(f"{title} [{target}]" for title, _, target in COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for scenario in [s for s in SCENARIOS if s in by_scenario]:
-        runs = by_scenario[scenario]
+    for scenario, collude in [(s, c) for s in SCENARIOS for c in (False, True) if (s, c) in by_scenario]:
+        runs = by_scenario[scenario, collude]
         values = reduce(runs)
         missed = set(passes(scenario, values))
         cells = [f"{_cell(key, values[key])}{' ✗' if key in missed else ''}" for _, key, _ in COLUMNS]
-        lines.append("| " + " | ".join([scenario, str(len(runs)), *cells]) + " |")
+        name = f"{scenario} (colluding)" if collude else scenario
+        lines.append("| " + " | ".join([name, str(len(runs)), *cells]) + " |")
     first = reports[0] if reports else {}
     lines.append("")
     lines.append(
@@ -108,23 +111,27 @@ def load(path: Path) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meshjobs.sim.matrix", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON lines file: one report per run (resumable)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: all)")
+    parser.add_argument("--scenarios", help="comma-separated (default: all; with --collude, camouflage,long-con)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 1..N (default 5)")
     parser.add_argument("--peers", type=int, default=40)
     parser.add_argument("--malicious", type=float, default=0.3)
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--pretrusted", type=int, default=3)
+    parser.add_argument("--collude", action="store_true", help="colluding cheaters (camouflage and long-con only)")
     parser.add_argument("--table-only", action="store_true", help="print the table from --out; run nothing")
     args = parser.parse_args(argv)
-    done = {(r["scenario"], r["seed"]) for r in load(args.out)}
-    for scenario in args.scenarios.split(","):
+    scenarios = (args.scenarios or ",".join(COLLUDING if args.collude else SCENARIOS)).split(",")
+    if args.collude and (others := [s for s in scenarios if s not in COLLUDING]):
+        parser.error(f"--collude applies to {' and '.join(COLLUDING)}, not {', '.join(others)}")
+    done = {(r["scenario"], r["seed"], bool(r.get("collude"))) for r in load(args.out)}
+    for scenario in scenarios:
         for seed in range(1, args.seeds + 1):
-            if args.table_only or (scenario, seed) in done:
+            if args.table_only or (scenario, seed, args.collude) in done:
                 continue
             command = [
                 sys.executable, "-m", "meshjobs", "sim", "--json", "--scenario", scenario, "--seed", str(seed),
                 "--peers", str(args.peers), "--malicious", str(args.malicious), "--jobs", str(args.jobs),
-                "--pretrusted", str(args.pretrusted),
+                "--pretrusted", str(args.pretrusted), *(["--collude"] if args.collude else []),
             ]  # fmt: skip
             print(f"run: {scenario} seed {seed}", file=sys.stderr, flush=True)
             out = subprocess.run(command, capture_output=True, text=True, timeout=1800)

@@ -124,8 +124,20 @@ def test_matrix_table_marks_missed_targets() -> None:
         {**base, "scenario": "always-wrong", "seed": 1},
         {**base, "scenario": "always-wrong", "seed": 2, "wrong_rate": 0.04},
         {**base, "scenario": "collective", "seed": 1, "malicious_quarantined": 0},
+        {**base, "scenario": "camouflage", "seed": 1, "collude": True, "malicious_quarantined": 10},
+        {**base, "scenario": "camouflage", "seed": 1, "collude": False},
     ]
     table = markdown(reports)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     assert "2.0% ✗" in rows["always-wrong"] and "| 2 |" in rows["always-wrong"]
     assert "✗" not in rows["collective"]  # catching every colluder is not a target there
+    assert "✗" not in rows["camouflage"] and "83.3% ✗" in rows["camouflage (colluding)"]  # a row of their own
+
+
+def test_matrix_refuses_collusion_where_no_scenario_has_it(capsys: pytest.CaptureFixture[str]) -> None:
+    from meshjobs.sim.matrix import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", "/nonexistent/runs.jsonl", "--collude", "--scenarios", "camouflage,forge"])
+    assert exit_info.value.code == 2
+    assert "--collude applies to camouflage and long-con, not forge" in capsys.readouterr().err
