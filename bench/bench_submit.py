@@ -110,6 +110,7 @@ async def bench_routed(url: str, work: Path, counts: dict[str, tuple[int, int]],
     from meshjobs import Client
     from meshjobs.identity import Identity
     from meshjobs.router import Constraints, Router
+    from meshjobs.verify import Verifier
 
     submitter = Identity.generate()
     workers = [
@@ -141,7 +142,7 @@ async def bench_routed(url: str, work: Path, counts: dict[str, tuple[int, int]],
             for level, count in zip(levels, counts["replicas3"], strict=True):
                 sample = await drive_async(
                     "meshjobs x3 quorum 2",
-                    lambda: router.submit_redundant("demo.noop", {}, replicas=3, quorum=2, constraints=anyone),
+                    lambda: Verifier(router).submit_quorum("demo.noop", {}, replicas=3, quorum=2, constraints=anyone),
                     count,
                     level,
                 )

@@ -9,9 +9,8 @@ the next candidate within the deadline, with the same job id so no peer runs
 it twice. Every outcome is reported as signed evidence and moves the peer's
 reputation.
 
-With ``replicas`` > 1 the job runs on that many distinct peers at once; their
-signed results are compared by digest, the agreeing result is returned when
-at least ``quorum`` peers agree, and the dissenters get ``disputed`` evidence.
+Verification (adaptive checks, or a quorum of several peers) runs on a
+router: see :mod:`meshjobs.verify`.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -400,68 +399,3 @@ class Router:
             last.trace = trace
             raise last
         raise JobTimeout(f"{capability}: no result within {timeout:g} s")
-
-    async def submit_redundant(
-        self,
-        capability: str,
-        args: dict[str, Any] | None = None,
-        *,
-        replicas: int,
-        quorum: int,
-        constraints: Constraints = Constraints(),  # noqa: B008 - frozen, shared safely
-        timeout: float = 30.0,
-        job_id: str | None = None,
-    ) -> RoutedOutcome:
-        """Run on *replicas* distinct peers; return the result at least *quorum* of them agree on."""
-        if not 1 <= quorum <= replicas:
-            raise UsageError("quorum must be between 1 and the number of replicas")
-        args = args or {}
-        job_id = job_id or new_job_id()
-        candidates = await self.candidates(capability, constraints, deterministic=True)
-        if len(candidates) < quorum:
-            raise NoPeerError(
-                f"no capable peer: {len(candidates)} peer(s) offer {capability!r} as deterministic and qualify; "
-                f"a quorum needs {quorum}"
-            )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        pending = list(candidates)
-        votes: dict[str, list[tuple[str, Outcome]]] = defaultdict(list)
-        trace: list[Attempt] = []
-
-        async def run(candidate: Candidate) -> None:
-            started = time.perf_counter()
-            left = max(deadline - loop.time(), 0.001)
-            kind, outcome, error = await self.attempt(candidate.peer, capability, args, job_id, left, left)
-            trace.append(
-                Attempt(candidate.peer, kind or "skipped", str(error or ""), (time.perf_counter() - started) * 1000)
-            )
-            if kind and kind != "success":
-                self.report(kind, candidate.peer, outcome, job_id, capability, detail=str(error or ""))  # type: ignore[arg-type]
-            if outcome is not None and kind == "success":
-                votes[result_digest(outcome)].append((candidate.peer, outcome))
-
-        batch = [pending.pop(0) for _ in range(min(replicas, len(pending)))]
-        while batch:
-            await asyncio.gather(*(run(c) for c in batch))
-            best = max(votes.values(), key=len, default=[])
-            missing = quorum - len(best)
-            if missing <= 0 or not pending or loop.time() >= deadline:
-                break
-            # Some peers failed or disagreed: ask as many more as a quorum still needs.
-            batch = [pending.pop(0) for _ in range(min(missing, len(pending)))]
-        best = max(votes.values(), key=len, default=[])
-        if len(best) < quorum:
-            raise Rejected(Reason.NO_QUORUM, f"{len(best)} of the peers agreed; a quorum needs {quorum}")
-        if sum(len(group) == len(best) for group in votes.values()) > 1:
-            # A tie is no verdict: nobody was outvoted, so nobody is disputed.
-            raise Rejected(Reason.NO_QUORUM, f"two different results have {len(best)} agreeing peers each")
-        winners = {peer for peer, _ in best}
-        dissenters = [(peer, o) for group in votes.values() for peer, o in group if peer not in winners]
-        for peer, outcome in best:
-            self.report("agree", peer, outcome, job_id, capability, proof=[o for p, o in best if p != peer])
-        winning = [o for _, o in best]
-        for peer, outcome in dissenters:
-            detail = f"outvoted by {len(best)} agreeing peers"
-            self.report("wrong", peer, outcome, job_id, capability, proof=winning, detail=detail)
-        return RoutedOutcome(best[0][1], trace, sorted(winners), sorted(p for p, _ in dissenters))

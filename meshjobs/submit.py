@@ -9,8 +9,10 @@ redundant verification and the durable queue lives in the library, once:
   quarantined peer is refused.
 - **routed**: ``constraints``, or ``trace``. The most trusted qualified peer,
   with fallback (:meth:`Router.submit`).
-- **verified**: ``replicas`` > 1. Distinct peers, results compared, a quorum
-  returned (:meth:`Router.submit_redundant`).
+- **verified**: ``verify="auto"`` for deterministic capabilities, adaptive
+  checks (:meth:`Verifier.submit`); ``replicas`` > 1 or ``quorum:N/M``,
+  distinct peers, results compared, a quorum returned that trust does not
+  contradict (:meth:`Verifier.submit_quorum`).
 - **durable**: :meth:`Submitter.enqueue` and :meth:`Submitter.wait`, on the
   JetStream queue.
 """
@@ -210,7 +212,7 @@ class Submitter:
             constraints = replace(constraints, peer=options.peer)
         spec = options.quorum_spec
         if spec is not None:
-            done = await router.submit_redundant(
+            done = await Verifier(router).submit_quorum(
                 capability,
                 args,
                 replicas=spec[1],

@@ -30,6 +30,12 @@ independent peer depends on how much of that peer's record is *verified*
   wrong at once (:meth:`~meshjobs.router.Router.convict`), before the trust
   service's quarantine reaches it.
 
+``--verify quorum:N/M`` (:meth:`Verifier.submit_quorum`) runs a job on M
+peers from distinct communities and regions and settles a disagreement the
+same way: a value whose peers are outweighed by trust is never returned, so
+agreeing cheaters cannot outvote a credible peer; the headcount decides only
+among peers nobody trusts more than the others (:func:`quorum_verdict`).
+
 The policy functions are pure and unit-tested; :class:`Verifier` runs them
 on a :class:`~meshjobs.router.Router`.
 """
@@ -127,26 +133,99 @@ def tie_breakers(primary: Candidate, others: list[Candidate]) -> list[Candidate]
     )
 
 
+def _fresh(c: Candidate, chosen: list[Candidate]) -> int:
+    """How many of *c*'s community and region none of *chosen* shares (unknown ones do not count)."""
+    info = c.info
+    community = bool(info.community) and all(x.info.community != info.community for x in chosen)
+    region = bool(info.region) and all(x.info.region != info.region for x in chosen)
+    return int(community) + int(region)
+
+
+def spread(candidates: list[Candidate], n: int) -> list[Candidate]:
+    """*candidates* reordered so the first *n* span as many communities and regions as they can, rank kept otherwise."""
+    chosen: list[Candidate] = []
+    rest = list(candidates)
+    while rest and len(chosen) < n:
+        best = max(rest, key=lambda c: _fresh(c, chosen))  # the first of the most independent: rank among equals
+        chosen.append(best)
+        rest.remove(best)
+    return chosen + rest
+
+
+Votes = dict[str, list[tuple[Candidate, Outcome]]]
+
+
 @dataclass
 class Verdict:
-    """The settled value of a verified job and who stood where."""
+    """The settled value of a verified job and who stood where.
+
+    ``by_trust``: the winners outweighed the losers by trust (they are proven
+    wrong, and convicted); otherwise only a headcount decided (a quorum the
+    submitter asked for, among peers nobody trusts more than the others).
+    """
 
     outcome: Outcome
     agreeing: list[str]
     losers: list[tuple[str, Outcome]] = field(default_factory=list)
+    by_trust: bool = True
 
 
-def settle_votes(votes: dict[str, list[tuple[Candidate, Outcome]]], margin: float = MARGIN) -> Verdict:
+def _weighed(votes: Votes) -> list[tuple[float, str]]:
+    return sorted(((sum(standing(c) for c, _ in group), digest) for digest, group in votes.items()), reverse=True)
+
+
+def _verdict(votes: Votes, digest: str, *, by_trust: bool = True) -> Verdict:
+    winner = votes[digest]
+    losers = [(c.peer, o) for d, group in votes.items() if d != digest for c, o in group]
+    return Verdict(winner[0][1], [c.peer for c, _ in winner], losers, by_trust)
+
+
+def settle_votes(votes: Votes, margin: float = MARGIN) -> Verdict:
     """The value whose supporters carry at least *margin* more trust wins; less is no verdict (yet)."""
-    weighed = sorted(((sum(standing(c) for c, _ in group), digest) for digest, group in votes.items()), reverse=True)
+    weighed = _weighed(votes)
     if len(weighed) > 1 and weighed[0][0] - weighed[1][0] < margin:
         raise Rejected(Reason.NO_QUORUM, "the peers disagree and neither side outweighs the other by enough trust")
-    winner = votes[weighed[0][1]]
-    losers = [(c.peer, o) for digest, group in votes.items() if digest != weighed[0][1] for c, o in group]
-    return Verdict(winner[0][1], [c.peer for c, _ in winner], losers)
+    return _verdict(votes, weighed[0][1])
 
 
-def _decided(votes: dict[str, list[tuple[Candidate, Outcome]]]) -> bool:
+def quorum_verdict(votes: Votes, quorum: int, *, final: bool) -> Verdict:
+    """The value at least *quorum* peers agree on, never one that more trusted peers contradict.
+
+    A disagreement is settled by trust as :func:`settle_votes` settles it (the
+    winners must still number *quorum*). Only when trust cannot tell the sides
+    apart and nobody more trusted is left to ask (*final*) does the headcount
+    decide, and then only for a value whose supporters carry at least as much
+    trust as any other's. Raises ``no_quorum`` (with why) when there is no
+    verdict (yet).
+    """
+    sizes = sorted((len(group) for group in votes.values()), reverse=True)
+    best = sizes[0] if sizes else 0
+    if len(votes) > 1 and _decided(votes):
+        verdict = settle_votes(votes)
+        if len(verdict.agreeing) >= quorum:
+            return verdict
+        raise Rejected(
+            Reason.NO_QUORUM,
+            f"the most trusted value has {len(verdict.agreeing)} agreeing peer(s); a quorum needs {quorum}",
+        )
+    if best < quorum:
+        raise Rejected(Reason.NO_QUORUM, f"{best} of the peers agreed; a quorum needs {quorum}")
+    if len(votes) == 1:
+        return _verdict(votes, next(iter(votes)))
+    if not final:
+        raise Rejected(Reason.NO_QUORUM, "the peers disagree: more trusted peers are still to be asked")
+    if sizes[1] == best:  # a tie is no verdict: nobody was outvoted, so nobody is disputed
+        raise Rejected(Reason.NO_QUORUM, f"two different results have {best} agreeing peers each")
+    digest = next(d for d, group in votes.items() if len(group) == best)
+    weighed = dict((d, w) for w, d in _weighed(votes))
+    if any(w > weighed[digest] for d, w in weighed.items() if d != digest):
+        raise Rejected(
+            Reason.NO_QUORUM, f"the {best} agreeing peers are outweighed by the trust of peers that disagree"
+        )
+    return _verdict(votes, digest, by_trust=False)
+
+
+def _decided(votes: Votes) -> bool:
     """Whether the votes settle it: never a conviction on one peer's word against another's."""
     if len(votes) > 1 and sum(len(group) for group in votes.values()) < 3:
         return False
@@ -222,9 +301,15 @@ class Verifier:
             return RoutedOutcome(outcome, trace, [primary.peer])
         if not _decided(votes):
             raise Rejected(Reason.NO_QUORUM, "the peers disagree and no side outweighs the other by enough trust")
-        verdict = settle_votes(votes)
+        return self._file(settle_votes(votes), votes, capability, job_id, trace)
+
+    def _file(
+        self, verdict: Verdict, votes: Votes, capability: str, job_id: str, trace: list[Attempt]
+    ) -> RoutedOutcome:
+        """Evidence for all who voted: ``agree`` for the winners, ``wrong`` for the losers (convicted if outweighed)."""
         winners = [o for group in votes.values() for c, o in group if c.peer in verdict.agreeing]
         backers = [c for group in votes.values() for c, _ in group if c.peer in verdict.agreeing]
+        count = len(verdict.agreeing)
         for group in votes.values():
             for candidate, ran in group:
                 if candidate.peer in verdict.agreeing:
@@ -233,11 +318,83 @@ class Verifier:
                     # Verified only by credible company: peers that vouch only for each other gain nothing.
                     if sum(standing(c) for c in backers if c.peer != candidate.peer) >= MARGIN:
                         self.router.witnessed[candidate.peer] += 1
-                else:
-                    detail = f"outweighed by {len(verdict.agreeing)} peer(s) that agree"
+                    continue
+                if verdict.by_trust:
+                    detail = f"outweighed by {count} peer(s) that agree"
                     self.router.convict(candidate.peer)
-                    self.router.report("wrong", candidate.peer, ran, job_id, capability, proof=winners, detail=detail)
-        return RoutedOutcome(verdict.outcome, trace, verdict.agreeing, [p for p, _ in verdict.losers])
+                else:  # a headcount: the trust service weighs it, and punishes only if the trust is there
+                    detail = f"outvoted by {count} agreeing peers"
+                self.router.report("wrong", candidate.peer, ran, job_id, capability, proof=winners, detail=detail)
+        return RoutedOutcome(verdict.outcome, trace, sorted(verdict.agreeing), sorted(p for p, _ in verdict.losers))
+
+    async def submit_quorum(
+        self,
+        capability: str,
+        args: dict[str, Any] | None = None,
+        *,
+        replicas: int,
+        quorum: int,
+        constraints: Constraints = Constraints(),  # noqa: B008 - frozen, shared safely
+        timeout: float = 30.0,
+        job_id: str | None = None,
+    ) -> RoutedOutcome:
+        """Run on *replicas* distinct peers at once; return the value at least *quorum* of them agree on.
+
+        The replicas come from distinct communities and regions where the mesh
+        has them. A peer that fails is replaced by the next one. A disagreement
+        is settled as :meth:`submit` settles it: more peers are asked, the most
+        trusted first, and a value whose peers are outweighed by trust is never
+        returned (see :func:`quorum_verdict`), so agreeing cheaters cannot
+        outvote a credible peer.
+        """
+        if not 1 <= quorum <= replicas:
+            raise UsageError("quorum must be between 1 and the number of replicas")
+        args = args or {}
+        job_id = job_id or new_job_id()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        candidates = await self.router.candidates(capability, constraints, deterministic=True)
+        if len(candidates) < quorum:
+            raise NoPeerError(
+                f"no capable peer: {len(candidates)} peer(s) offer {capability!r} as deterministic and qualify; "
+                f"a quorum needs {quorum}"
+            )
+        pending = spread(candidates, replicas)
+        batch, pending = pending[:replicas], pending[replicas:]
+        votes: Votes = defaultdict(list)
+        trace: list[Attempt] = []
+        errors: list[MeshError] = []
+        limit = replicas + MAX_RUNS - 2  # runs, while a disagreement is being settled
+        consulted = False  # a disagreement goes to the most trusted peer left before anyone is convicted
+        while batch:
+            ran = await asyncio.gather(
+                *(self._run_one(c, capability, args, job_id, deadline, trace, errors) for c in batch)
+            )
+            for done in ran:
+                if done is not None:
+                    votes[result_digest(done[1])].append(done)
+            settling = False
+            if len(votes) > 1 and sum(len(group) for group in votes.values()) < limit:
+                # The most trusted settle it from now on, one at a time, as in submit().
+                pending = sorted(pending, key=lambda c: -standing(c))
+                settling = bool(pending) and standing(pending[0]) > 0
+            if consulted or not settling:
+                try:
+                    quorum_verdict(votes, quorum, final=not settling)
+                    break
+                except Rejected:
+                    pass
+            if not pending or loop.time() >= deadline:
+                break
+            consulted = consulted or settling
+            best = max((len(group) for group in votes.values()), default=0)
+            batch = [pending.pop(0) for _ in range(1 if settling else min(max(quorum - best, 0), len(pending)))]
+        try:
+            verdict = quorum_verdict(votes, quorum, final=True)
+        except Rejected as exc:
+            exc.trace = trace
+            raise
+        return self._file(verdict, votes, capability, job_id, trace)
 
     async def _first(
         self,

@@ -30,6 +30,7 @@ from meshjobs.trust.quarantine import issue_order
 from meshjobs.trust.record import Record
 from meshjobs.trust.reputation import ReputationBook
 from meshjobs.trust.service import TrustService
+from meshjobs.verify import Verifier
 from tests.conftest import REPO, WorkerProcess, cli_env, meshjobs
 
 pytestmark = pytest.mark.integration
@@ -121,7 +122,7 @@ async def test_redundancy_outvotes_and_quarantines_a_cheater(cast: Cast, workers
     cheater = cast.keys["dishonest"]
     try:
         for i in range(1, 13):
-            done = await router.submit_redundant("math.square", {"x": i}, replicas=3, quorum=2, timeout=20)
+            done = await Verifier(router).submit_quorum("math.square", {"x": i}, replicas=3, quorum=2, timeout=20)
             assert done.outcome.value == i * i  # the dishonest result is never returned
             await router.flush()
             if i == 1:
@@ -138,6 +139,11 @@ async def test_redundancy_outvotes_and_quarantines_a_cheater(cast: Cast, workers
         assert [e.kind for e, _ in evidence if e] == ["wrong"]
         assert all(e.result and e.result.startswith("MJ1R ") for e, _ in evidence if e)  # the cheater's own signature
         assert all(len(e.proof) == 2 for e, _ in evidence if e)  # both honest signed results
+        # The README's command: the quarantined cheater is no candidate, the two honest peers agree.
+        env = cli_env(cast.homes["submitter"], cast.url)
+        args = ("submit", "math.square", '{"x": 12}', "--replicas", "3", "--quorum", "2")
+        shown = await asyncio.to_thread(meshjobs, *args, env=env)
+        assert shown.returncode == 0 and shown.stdout.strip() == "144", shown.stderr
     finally:
         await router.close()
         await client.close()

@@ -50,10 +50,11 @@ def info(
     attested: tuple[str, ...] = ("kind", "region"),
     price: float = 0.0,
     slots: int = 4,
+    community: str = "",
 ) -> PeerInfo:
     caps = ("demo.add",)
     return PeerInfo(
-        PEERS[name], name, kind, region, "", f"i-{name}", "1", caps, caps if deterministic else (),
+        PEERS[name], name, kind, region, community, f"i-{name}", "1", caps, caps if deterministic else (),
         attested=attested, price=price, slots=slots,
     )  # fmt: skip
 
@@ -301,12 +302,12 @@ async def test_nobody_qualified_is_no_peer() -> None:
     assert caught.value.exit_code == 3
 
 
-# -- the redundancy vote ---------------------------------------------------------------
+# -- the quorum (--verify quorum:N/M) -----------------------------------------------------
 
 
 async def test_the_majority_wins_and_the_dissenter_is_proven_wrong() -> None:
     r = router([info(n) for n in "abc"], ranked("a", "b", "c"), answers={"a": 5, "b": 6, "c": 5})
-    done = await r.submit_redundant("demo.add", {"a": 2}, replicas=3, quorum=2)
+    done = await Verifier(r).submit_quorum("demo.add", {"a": 2}, replicas=3, quorum=2)
     await r.flush()
     assert done.outcome.value == 5 and done.agreeing == sorted([PEERS["a"], PEERS["c"]])
     assert done.dissenting == [PEERS["b"]]
@@ -320,7 +321,7 @@ async def test_the_majority_wins_and_the_dissenter_is_proven_wrong() -> None:
 async def test_more_peers_are_asked_until_a_quorum_agrees() -> None:
     answers = {"a": 5, "b": ("error", "boom"), "c": 6, "d": 5}
     r = router([info(n) for n in "abcd"], ranked("a", "b", "c", "d"), answers=answers)
-    done = await r.submit_redundant("demo.add", replicas=2, quorum=2)
+    done = await Verifier(r).submit_quorum("demo.add", replicas=2, quorum=2)
     await r.flush()
     assert asked(r) == ["a", "b", "c", "d"] and done.outcome.value == 5
     assert evidence(r) == [("a", "agree"), ("b", "failure"), ("c", "wrong"), ("d", "agree")]
@@ -329,14 +330,63 @@ async def test_more_peers_are_asked_until_a_quorum_agrees() -> None:
 async def test_no_quorum_is_refused() -> None:
     r = router([info(n) for n in "ab"], ranked("a", "b"), answers={"a": 5, "b": 6})
     with pytest.raises(Rejected) as caught:
-        await r.submit_redundant("demo.add", replicas=2, quorum=2)
+        await Verifier(r).submit_quorum("demo.add", replicas=2, quorum=2)
     assert caught.value.reason is Reason.NO_QUORUM and caught.value.exit_code == 5
+
+
+async def test_agreeing_cheaters_cannot_outvote_trust() -> None:
+    """Two peers nobody vouches for agree on a wrong value: the most trusted are asked until trust decides."""
+    answers = {"a": 6, "b": 6, "c": 5, "d": 5, "e": 5}
+    r = router([info(n) for n in "abcde"], answers=answers)
+    r.anchors = frozenset({PEERS["d"]})
+    done = await Verifier(r).submit_quorum("demo.add", replicas=3, quorum=2)
+    await r.flush()
+    assert done.outcome.value == 5 and asked(r) == ["a", "b", "c", "d"]  # d, the anchor, asked first of the rest
+    assert done.agreeing == sorted([PEERS["c"], PEERS["d"]]) and done.dissenting == sorted([PEERS["a"], PEERS["b"]])
+    assert evidence(r) == [("a", "wrong"), ("b", "wrong"), ("c", "agree"), ("d", "agree")]
+    assert all("outweighed by 2" in e.detail for e in stored(r) if e.kind == "wrong")
+    # Proven wrong by trust: this submitter gives them no more work.
+    assert {c.peer for c in await r.candidates("demo.add", Constraints())} == {PEERS[n] for n in "cde"}
+
+
+async def test_a_disagreement_goes_to_the_most_trusted_before_anyone_is_convicted() -> None:
+    """Two peers with some credibility outweigh a newcomer: the anchor is still asked, and it decides."""
+    credible = [Record(peer=PEERS[n], good=1.2, proven=1.2) for n in "ab"]  # credibility about 0.3 each
+    r = router([info(n) for n in "abcd"], credible, answers={"a": 6, "b": 6, "c": 5, "d": 5})
+    r.anchors = frozenset({PEERS["d"]})
+    done = await Verifier(r).submit_quorum("demo.add", replicas=3, quorum=2)
+    await r.flush()
+    assert done.outcome.value == 5 and done.dissenting == sorted([PEERS["a"], PEERS["b"]])
+    assert r.convicted.keys() == {PEERS["a"], PEERS["b"]}  # c, the newcomer, is not
+
+
+async def test_a_headcount_never_overrides_trust() -> None:
+    """The only peers left agree on a value an anchor contradicts: no value, nobody convicted."""
+    r = router([info(n) for n in "abc"], answers={"a": 5, "b": 6, "c": 6})
+    r.anchors = frozenset({PEERS["a"]})
+    with pytest.raises(Rejected) as caught:
+        await Verifier(r).submit_quorum("demo.add", replicas=3, quorum=2)
+    assert caught.value.reason is Reason.NO_QUORUM and "1 agreeing peer(s); a quorum needs 2" in str(caught.value)
+    assert [t.peer for t in caught.value.trace] and r.convicted == {}
+    # Without the anchor, nobody's word weighs more: the headcount the submitter asked for decides,
+    # and the dissenter is reported (the trust service punishes only what trust outweighs), not convicted.
+    r = router([info(n) for n in "abc"], answers={"a": 5, "b": 6, "c": 6})
+    done = await Verifier(r).submit_quorum("demo.add", replicas=3, quorum=2)
+    await r.flush()
+    assert done.outcome.value == 6 and done.dissenting == [PEERS["a"]] and r.convicted == {}
+
+
+async def test_replicas_come_from_distinct_communities() -> None:
+    peers = [info("a", community="c1"), info("b", community="c1"), info("c", community="c2"), info("d")]
+    r = router(peers, answers=dict.fromkeys("abcd", 5))
+    done = await Verifier(r).submit_quorum("demo.add", replicas=2, quorum=2)
+    assert done.outcome.value == 5 and asked(r) == ["a", "c"]  # not b: a already stands for community c1
 
 
 async def test_only_deterministic_peers_vote() -> None:
     r = router([info("a"), info("b", deterministic=False)], answers={"a": 5, "b": 5})
     with pytest.raises(NoPeerError, match="a quorum needs 2"):
-        await r.submit_redundant("demo.add", replicas=2, quorum=2)
+        await Verifier(r).submit_quorum("demo.add", replicas=2, quorum=2)
     with pytest.raises(UsageError):
-        await r.submit_redundant("demo.add", replicas=2, quorum=3)
+        await Verifier(r).submit_quorum("demo.add", replicas=2, quorum=3)
     assert asked(r) == []
