@@ -92,6 +92,17 @@ class Constraints:
         )
 
 
+def attempt_budget(left: float, timeout: float, *, last: bool, expected: float = 0.0) -> float:
+    """How long one peer may take: what is *left* for the *last* one, else a third of the timeout.
+
+    So a peer that hangs (or answers only at the deadline) leaves time for at
+    least two more: fallbacks, and the checks of a verified job. A job
+    *expected* to take long (another peer took that many seconds) gets twice
+    that and a second, if more.
+    """
+    return left if last else min(left, max(timeout / 3, 1.0 + 2 * expected))
+
+
 @dataclass
 class Attempt:
     """One step of a routed job, for ``--trace``."""
@@ -381,8 +392,7 @@ class Router:
             left = deadline - loop.time()
             if left <= 0:
                 break
-            # Leave time for at least two more candidates after a hung one.
-            budget = left if index == len(candidates) - 1 else max(min(left, timeout / 3), min(left, 1.0))
+            budget = attempt_budget(left, timeout, last=index == len(candidates) - 1)
             started = time.perf_counter()
             kind, outcome, error = await self.attempt(candidate.peer, capability, args, job_id, budget, left)
             trace.append(

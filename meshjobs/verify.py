@@ -53,7 +53,7 @@ from typing import Any
 from meshjobs.client import Outcome
 from meshjobs.envelope import new_job_id
 from meshjobs.errors import JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
-from meshjobs.router import Attempt, Candidate, Constraints, RoutedOutcome, Router, result_digest
+from meshjobs.router import Attempt, Candidate, Constraints, RoutedOutcome, Router, attempt_budget, result_digest
 from meshjobs.trust.record import wilson_lower
 
 log = logging.getLogger("meshjobs.verify")
@@ -236,12 +236,62 @@ def _decided(votes: Votes) -> bool:
     return True
 
 
+@dataclass
+class _Job:
+    """One verified job's runs on several peers: what they share, and what they leave behind."""
+
+    router: Router
+    capability: str
+    args: dict[str, Any]
+    job_id: str
+    timeout: float
+    deadline: float
+    trace: list[Attempt] = field(default_factory=list)
+    errors: list[MeshError] = field(default_factory=list)
+    absent: set[str] = field(default_factory=set)
+    """Peers nobody was listening for (gone since discovery): they could not have checked anything."""
+
+    def left(self) -> float:
+        return self.deadline - asyncio.get_running_loop().time()
+
+    async def run(self, candidate: Candidate, budget: float | None = None) -> tuple[Candidate, Outcome] | None:
+        """One run on *candidate* (within *budget* seconds, if given); its outcome, or None (reported)."""
+        left = self.left()
+        if left <= 0:
+            return None
+        started = time.perf_counter()
+        kind, outcome, error = await self.router.attempt(
+            candidate.peer, self.capability, self.args, self.job_id, left if budget is None else min(budget, left), left
+        )
+        ms = (time.perf_counter() - started) * 1000
+        self.trace.append(Attempt(candidate.peer, kind or "skipped", str(error or ""), ms))
+        if isinstance(error, UsageError):
+            raise error
+        if error is not None:
+            self.errors.append(error)
+            if isinstance(error, NoPeerError):
+                self.absent.add(candidate.peer)
+        if kind and kind != "success":
+            self.router.report(kind, candidate.peer, outcome, self.job_id, self.capability, detail=str(error or ""))  # type: ignore[arg-type]
+            return None
+        if outcome is None or error is not None:
+            return None
+        return candidate, outcome
+
+    def report(self, kind: str, peer: str, outcome: Outcome, **extra: Any) -> None:
+        self.router.report(kind, peer, outcome, self.job_id, self.capability, **extra)  # type: ignore[arg-type]
+
+
 class Verifier:
     """Runs deterministic jobs with adaptive verification on one router."""
 
     def __init__(self, router: Router, rng: random.Random | None = None) -> None:
         self.router = router
         self.rng = rng or random.Random()
+
+    def _job(self, capability: str, args: dict[str, Any] | None, job_id: str | None, timeout: float) -> _Job:
+        deadline = asyncio.get_running_loop().time() + timeout
+        return _Job(self.router, capability, args or {}, job_id or new_job_id(), timeout, deadline)
 
     async def submit(
         self,
@@ -252,28 +302,36 @@ class Verifier:
         timeout: float = 30.0,
         job_id: str | None = None,
     ) -> RoutedOutcome:
-        """Run once on a ranked peer, check adaptively, settle disagreements; executions are in the trace."""
-        args = args or {}
-        job_id = job_id or new_job_id()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        """Run once on a ranked peer, check adaptively, settle disagreements; executions are in the trace.
+
+        A result that must be checked (its peer has no verified record yet) is
+        returned unchecked only when no other peer could be reached at all;
+        when other peers were there but none checked it in time (a checker
+        that hangs, refuses or fails is replaced by the next, within the
+        deadline), the job is refused (``no_quorum``), so a hung or late peer
+        cannot wave a result through.
+        """
+        job = self._job(capability, args, job_id, timeout)
         candidates = await self.router.candidates(capability, constraints, deterministic=True)
         if not candidates:
             raise NoPeerError(f"no capable peer offers {capability!r} as deterministic and meets the constraints")
-        trace: list[Attempt] = []
-        errors: list[MeshError] = []
-        primary, outcome, rest = await self._first(capability, args, job_id, candidates, deadline, trace, errors)
-        if self.rng.random() >= check_probability(int(getattr(primary.record, "verified", 0))):
-            self.router.report("success", primary.peer, outcome, job_id, capability)
-            return RoutedOutcome(outcome, trace, [primary.peer])
-        votes: dict[str, list[tuple[Candidate, Outcome]]] = defaultdict(list)
+        started = time.perf_counter()
+        primary, outcome, rest = await self._first(job, candidates)
+        elapsed = time.perf_counter() - started
+        verified = int(getattr(primary.record, "verified", 0))
+        if self.rng.random() >= check_probability(verified):
+            job.report("success", primary.peer, outcome)
+            return RoutedOutcome(outcome, job.trace, [primary.peer])
+        votes: Votes = defaultdict(list)
         votes[result_digest(outcome)].append((primary, outcome))
         checkers = pick_checker(primary, rest, self.rng)
         # One checker; on a disagreement, the most trusted peers settle it,
         # one at a time until one side outweighs the other.
         settling = False
-        while checkers and loop.time() < deadline and sum(len(g) for g in votes.values()) < MAX_RUNS:
-            ran = await self._run_one(checkers.pop(0), capability, args, job_id, deadline, trace, errors)
+        while checkers and job.left() > 0 and sum(len(g) for g in votes.values()) < MAX_RUNS:
+            # A checker that hangs must leave time for the next: twice what the job took, or a third of the timeout.
+            budget = attempt_budget(job.left(), timeout, last=len(checkers) == 1, expected=elapsed)
+            ran = await job.run(checkers.pop(0), budget)
             if ran is None:
                 continue
             votes[result_digest(ran[1])].append(ran)
@@ -283,29 +341,31 @@ class Verifier:
                 settling = True
                 asked = {c.peer for group in votes.values() for c, _ in group}
                 checkers = [c for c in tie_breakers(primary, rest) if c.peer not in asked]
-        return self._conclude(votes, capability, job_id, trace, primary, outcome)
-
-    def _conclude(
-        self,
-        votes: dict[str, list[tuple[Candidate, Outcome]]],
-        capability: str,
-        job_id: str,
-        trace: list[Attempt],
-        primary: Candidate,
-        outcome: Outcome,
-    ) -> RoutedOutcome:
-        runs = sum(len(g) for g in votes.values())
-        if runs == 1:  # nobody could check it in time: the unverified result, said so in the trace
-            trace.append(Attempt(primary.peer, "unverified", "no independent peer could check it in time"))
-            self.router.report("success", primary.peer, outcome, job_id, capability)
-            return RoutedOutcome(outcome, trace, [primary.peer])
+        if sum(len(g) for g in votes.values()) == 1:
+            return self._unchecked(job, primary, outcome, candidates, required=verified < VERIFIED_FLOOR)
         if not _decided(votes):
             raise Rejected(Reason.NO_QUORUM, "the peers disagree and no side outweighs the other by enough trust")
-        return self._file(settle_votes(votes), votes, capability, job_id, trace)
+        return self._file(job, settle_votes(votes), votes)
 
-    def _file(
-        self, verdict: Verdict, votes: Votes, capability: str, job_id: str, trace: list[Attempt]
+    def _unchecked(
+        self, job: _Job, primary: Candidate, outcome: Outcome, candidates: list[Candidate], *, required: bool
     ) -> RoutedOutcome:
+        """Nobody checked the result: returned as unverified (said so in the trace), unless that is a loophole."""
+        others = {c.peer for c in candidates} - {primary.peer} - job.absent
+        if required and others:
+            error = Rejected(
+                Reason.NO_QUORUM,
+                f"the result of {primary.peer[:12]}…, which has no verified record yet, could not be checked: "
+                f"{len(others)} other peer(s) did not check it within {job.timeout:g} s "
+                "(raise --timeout; --verify off accepts unchecked results)",
+            )
+            error.trace = job.trace
+            raise error
+        job.trace.append(Attempt(primary.peer, "unverified", "no independent peer could check it in time"))
+        job.report("success", primary.peer, outcome)
+        return RoutedOutcome(outcome, job.trace, [primary.peer])
+
+    def _file(self, job: _Job, verdict: Verdict, votes: Votes) -> RoutedOutcome:
         """Evidence for all who voted: ``agree`` for the winners, ``wrong`` for the losers (convicted if outweighed)."""
         winners = [o for group in votes.values() for c, o in group if c.peer in verdict.agreeing]
         backers = [c for group in votes.values() for c, _ in group if c.peer in verdict.agreeing]
@@ -313,8 +373,7 @@ class Verifier:
         for group in votes.values():
             for candidate, ran in group:
                 if candidate.peer in verdict.agreeing:
-                    proof = [o for o in winners if o is not ran]
-                    self.router.report("agree", candidate.peer, ran, job_id, capability, proof=proof)
+                    job.report("agree", candidate.peer, ran, proof=[o for o in winners if o is not ran])
                     # Verified only by credible company: peers that vouch only for each other gain nothing.
                     if sum(standing(c) for c in backers if c.peer != candidate.peer) >= MARGIN:
                         self.router.witnessed[candidate.peer] += 1
@@ -324,8 +383,8 @@ class Verifier:
                     self.router.convict(candidate.peer)
                 else:  # a headcount: the trust service weighs it, and punishes only if the trust is there
                     detail = f"outvoted by {count} agreeing peers"
-                self.router.report("wrong", candidate.peer, ran, job_id, capability, proof=winners, detail=detail)
-        return RoutedOutcome(verdict.outcome, trace, sorted(verdict.agreeing), sorted(p for p, _ in verdict.losers))
+                job.report("wrong", candidate.peer, ran, proof=winners, detail=detail)
+        return RoutedOutcome(verdict.outcome, job.trace, sorted(verdict.agreeing), sorted(p for p, _ in verdict.losers))
 
     async def submit_quorum(
         self,
@@ -349,10 +408,7 @@ class Verifier:
         """
         if not 1 <= quorum <= replicas:
             raise UsageError("quorum must be between 1 and the number of replicas")
-        args = args or {}
-        job_id = job_id or new_job_id()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        job = self._job(capability, args, job_id, timeout)
         candidates = await self.router.candidates(capability, constraints, deterministic=True)
         if len(candidates) < quorum:
             raise NoPeerError(
@@ -362,15 +418,11 @@ class Verifier:
         pending = spread(candidates, replicas)
         batch, pending = pending[:replicas], pending[replicas:]
         votes: Votes = defaultdict(list)
-        trace: list[Attempt] = []
-        errors: list[MeshError] = []
         limit = replicas + MAX_RUNS - 2  # runs, while a disagreement is being settled
         consulted = False  # a disagreement goes to the most trusted peer left before anyone is convicted
         while batch:
-            ran = await asyncio.gather(
-                *(self._run_one(c, capability, args, job_id, deadline, trace, errors) for c in batch)
-            )
-            for done in ran:
+            budget = None if len(batch) > 1 else attempt_budget(job.left(), timeout, last=not pending)
+            for done in await asyncio.gather(*(job.run(c, budget) for c in batch)):
                 if done is not None:
                     votes[result_digest(done[1])].append(done)
             settling = False
@@ -384,7 +436,7 @@ class Verifier:
                     break
                 except Rejected:
                     pass
-            if not pending or loop.time() >= deadline:
+            if not pending or job.left() <= 0:
                 break
             consulted = consulted or settling
             best = max((len(group) for group in votes.values()), default=0)
@@ -392,59 +444,20 @@ class Verifier:
         try:
             verdict = quorum_verdict(votes, quorum, final=True)
         except Rejected as exc:
-            exc.trace = trace
+            exc.trace = job.trace
             raise
-        return self._file(verdict, votes, capability, job_id, trace)
+        return self._file(job, verdict, votes)
 
-    async def _first(
-        self,
-        capability: str,
-        args: dict[str, Any],
-        job_id: str,
-        candidates: list[Candidate],
-        deadline: float,
-        trace: list[Attempt],
-        errors: list[MeshError],
-    ) -> tuple[Candidate, Outcome, list[Candidate]]:
+    async def _first(self, job: _Job, candidates: list[Candidate]) -> tuple[Candidate, Outcome, list[Candidate]]:
         """The primary run, falling back along the ranking; returns the peer, its outcome and the others."""
         pending = list(candidates)
         while pending:
             candidate = pending.pop(0)
-            ran = await self._run_one(candidate, capability, args, job_id, deadline, trace, errors)
+            ran = await job.run(candidate)
             if ran is not None:
                 return candidate, ran[1], pending
-            if asyncio.get_running_loop().time() >= deadline:
+            if job.left() <= 0:
                 break
-        error = errors[-1] if errors else JobTimeout(f"{capability}: no result in time")
-        error.trace = trace
+        error = job.errors[-1] if job.errors else JobTimeout(f"{job.capability}: no result in time")
+        error.trace = job.trace
         raise error
-
-    async def _run_one(
-        self,
-        candidate: Candidate,
-        capability: str,
-        args: dict[str, Any],
-        job_id: str,
-        deadline: float,
-        trace: list[Attempt],
-        errors: list[MeshError],
-    ) -> tuple[Candidate, Outcome] | None:
-        loop = asyncio.get_running_loop()
-        left = deadline - loop.time()
-        if left <= 0:
-            return None
-        started = time.perf_counter()
-        kind, outcome, error = await self.router.attempt(candidate.peer, capability, args, job_id, left, left)
-        trace.append(
-            Attempt(candidate.peer, kind or "skipped", str(error or ""), (time.perf_counter() - started) * 1000)
-        )
-        if isinstance(error, UsageError):
-            raise error
-        if error is not None:
-            errors.append(error)
-        if kind and kind != "success":
-            self.router.report(kind, candidate.peer, outcome, job_id, capability, detail=str(error or ""))  # type: ignore[arg-type]
-            return None
-        if outcome is None or error is not None:
-            return None
-        return candidate, outcome

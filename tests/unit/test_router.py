@@ -9,6 +9,8 @@ code before the router sees it.
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +41,7 @@ OPERATOR = Identity.generate()
 KEYS = {name: Identity.generate() for name in "abcde"}
 PEERS = {name: key.public_key for name, key in KEYS.items()}
 NAMES = {key: name for name, key in PEERS.items()}
+HANG = object()
 
 
 def info(
@@ -74,7 +77,7 @@ class FakeClient:
     def __init__(self, peers: list[PeerInfo], answers: dict[str, Any]) -> None:
         self.identity = ALICE
         self._peers = peers
-        self.answers = answers  # name -> value, ("error", message) or JobTimeout
+        self.answers = answers  # name -> value, ("error", message), JobTimeout, NoPeerError or HANG
         self.asked: list[str] = []
 
     async def peers(self, *, timeout: float, capability: str | None = None, **_: Any) -> list[PeerInfo]:
@@ -87,8 +90,13 @@ class FakeClient:
                                    ttl_ms=30_000)  # fmt: skip
         envelope = open_envelope(request)  # what the worker checks first
         answer = self.answers[name]
+        if answer is HANG:  # a peer that never answers: the caller's timeout ends the wait
+            await asyncio.sleep(kw["timeout"])
+            raise JobTimeout(f"{capability}: no result within {kw['timeout']:g} s")
         if answer is JobTimeout:
             raise JobTimeout(f"{capability}: no result")
+        if answer is NoPeerError:  # nobody listens for the peer any more
+            raise NoPeerError(f"no capable peer: {capability!r} is not offered by {peer[:12]}…")
         failed = isinstance(answer, tuple)
         frame = seal_result(
             KEYS[name],
@@ -260,6 +268,37 @@ async def test_a_peer_proven_wrong_gets_no_more_work_from_that_submitter_until_r
     assert PEERS["b"] not in {c.peer for c in await r.candidates("demo.add", Constraints())}
     r.board.apply(PEERS["b"], release("b", convicted + 1))
     assert PEERS["b"] in {c.peer for c in await r.candidates("demo.add", Constraints())}
+
+
+async def test_a_checker_that_hangs_is_replaced_within_the_deadline() -> None:
+    r = router([info(n) for n in "abc"], answers={"a": 5, "b": HANG, "c": 5})
+    r.witnessed[PEERS["b"]] = 50  # vouched for by this submitter: drawn as a's checker first
+    done = await Verifier(r).submit("demo.add", {"x": 1}, timeout=6)
+    assert done.outcome.value == 5 and done.agreeing == sorted([PEERS["a"], PEERS["c"]])
+    assert [(NAMES[t.peer], t.outcome) for t in done.trace] == [("a", "success"), ("b", "timeout"), ("c", "success")]
+    assert done.trace[1].ms < 4000  # a third of the timeout (2 s), not all that was left
+
+
+class CheckEverything(random.Random):
+    def random(self) -> float:
+        return 0.0
+
+
+async def test_an_unproven_result_nobody_checked_is_refused_unless_nobody_else_is_there() -> None:
+    """A checker that fails, refuses or hangs cannot wave an unproven peer's result through."""
+    r = router([info(n) for n in "ab"], answers={"a": 5, "b": ("error", "boom")})
+    with pytest.raises(Rejected) as caught:
+        await Verifier(r).submit("demo.add", {"x": 1})
+    assert caught.value.reason is Reason.NO_QUORUM and "could not be checked" in str(caught.value)
+    assert [(NAMES[t.peer], t.outcome) for t in caught.value.trace] == [("a", "success"), ("b", "failure")]
+    # The only peer there is, or the others gone since discovery: the unverified result, said so.
+    for peers, answers in (([info("a")], {"a": 5}), ([info("a"), info("b")], {"a": 5, "b": NoPeerError})):
+        done = await Verifier(router(peers, answers=answers)).submit("demo.add", {"x": 1})
+        assert done.outcome.value == 5 and done.trace[-1].outcome == "unverified"
+    # A spot check of a peer with a verified record that fails costs the value nothing: it rests on the record.
+    r = router([info(n) for n in "ab"], [Record(peer=PEERS["a"], verified=10)], {"a": 5, "b": ("error", "boom")})
+    done = await Verifier(r, rng=CheckEverything()).submit("demo.add", {"x": 1})
+    assert done.outcome.value == 5 and done.trace[-1].outcome == "unverified"
 
 
 async def test_equal_peers_share_the_load() -> None:
