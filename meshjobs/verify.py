@@ -14,6 +14,11 @@ independent peer depends on how much of that peer's record is *verified*
   credible peer (drawn by trust); a credible primary by the least proven
   peers first, so a spot check also tests a newcomer at no risk to the value
   returned (see :func:`pick_checker`).
+- The check runs beside the primary: both are sent at the same moment with the
+  same validity, so no peer can tell whether it is checked or checking (a
+  cheater cannot answer honestly only as a checker). A checker that hangs,
+  refuses or fails is replaced; an unproven peer's result that nobody could
+  check is refused unless no other peer is there at all.
 - Whether to check reads only the signed record's ``verified`` count; who
   checks also counts the agreements this router settled itself (the record
   lags the evidence), so checker duty spreads over the newcomers at once, and
@@ -94,9 +99,14 @@ def vouched(candidate: Candidate) -> float:
     return max(standing(candidate), wilson_lower(candidate.witnessed, 0))
 
 
+def record_verified(candidate: Candidate) -> int:
+    """The verified agreements in a peer's signed record: what decides whether its result is checked."""
+    return int(getattr(candidate.record, "verified", 0))
+
+
 def verified_count(candidate: Candidate) -> int:
     """Verified agreements: the signed record's, or what this router witnessed itself if more (evidence lags)."""
-    return max(int(getattr(candidate.record, "verified", 0)), candidate.witnessed)
+    return max(record_verified(candidate), candidate.witnessed)
 
 
 def _independent(primary: Candidate, c: Candidate) -> int:
@@ -225,6 +235,15 @@ def quorum_verdict(votes: Votes, quorum: int, *, final: bool) -> Verdict:
     return _verdict(votes, digest, by_trust=False)
 
 
+def _runs(votes: Votes) -> int:
+    return sum(len(group) for group in votes.values())
+
+
+def _settled(votes: Votes) -> bool:
+    """Checked and nothing left to settle: two or more runs that agree, or a disagreement trust has decided."""
+    return _runs(votes) > 1 and (len(votes) == 1 or _decided(votes))
+
+
 def _decided(votes: Votes) -> bool:
     """Whether the votes settle it: never a conviction on one peer's word against another's."""
     if len(votes) > 1 and sum(len(group) for group in votes.values()) < 3:
@@ -278,7 +297,7 @@ class _Job:
             return None
         return candidate, outcome
 
-    def report(self, kind: str, peer: str, outcome: Outcome, **extra: Any) -> None:
+    def report(self, kind: str, peer: str, outcome: Outcome | None, **extra: Any) -> None:
         self.router.report(kind, peer, outcome, self.job_id, self.capability, **extra)  # type: ignore[arg-type]
 
 
@@ -315,37 +334,87 @@ class Verifier:
         candidates = await self.router.candidates(capability, constraints, deterministic=True)
         if not candidates:
             raise NoPeerError(f"no capable peer offers {capability!r} as deterministic and meets the constraints")
-        started = time.perf_counter()
-        primary, outcome, rest = await self._first(job, candidates)
-        elapsed = time.perf_counter() - started
-        verified = int(getattr(primary.record, "verified", 0))
-        if self.rng.random() >= check_probability(verified):
-            job.report("success", primary.peer, outcome)
-            return RoutedOutcome(outcome, job.trace, [primary.peer])
+        pending = list(candidates)
         votes: Votes = defaultdict(list)
-        votes[result_digest(outcome)].append((primary, outcome))
-        checkers = pick_checker(primary, rest, self.rng)
-        # One checker; on a disagreement, the most trusted peers settle it,
-        # one at a time until one side outweighs the other.
-        settling = False
-        while checkers and job.left() > 0 and sum(len(g) for g in votes.values()) < MAX_RUNS:
+        answers: list[tuple[Candidate, Outcome]] = []
+        checked, took = False, 0.0
+        while pending and job.left() > 0 and not answers:  # the first run, falling back along the ranking
+            primary = pending.pop(0)
+            checked = self.rng.random() < check_probability(record_verified(primary))
+            seats = [primary]
+            if checked and (chosen := pick_checker(primary, pending, self.rng)):
+                seats.append(chosen[0])
+                pending.remove(chosen[0])
+            answers, took = await self._together(job, seats)
+        if not answers:
+            error = job.errors[-1] if job.errors else JobTimeout(f"{capability}: no result in time")
+            error.trace = job.trace
+            raise error
+        for answer in answers:
+            votes[result_digest(answer[1])].append(answer)
+        # The primary's result, or its checker's if the primary failed.
+        first, outcome = min(answers, key=lambda answer: answer[0].peer != primary.peer)
+        if not checked:
+            job.report("success", first.peer, outcome)
+            return RoutedOutcome(outcome, job.trace, [first.peer])
+        # A check that failed is run again; on a disagreement, the most trusted
+        # peers settle it, one at a time until one side outweighs the other.
+        settling = len(votes) > 1
+        checkers = tie_breakers(first, pending) if settling else pick_checker(first, pending, self.rng)
+        while not _settled(votes) and checkers and job.left() > 0 and _runs(votes) < MAX_RUNS:
             # A checker that hangs must leave time for the next: twice what the job took, or a third of the timeout.
-            budget = attempt_budget(job.left(), timeout, last=len(checkers) == 1, expected=elapsed)
+            budget = attempt_budget(job.left(), timeout, last=len(checkers) == 1, expected=took)
             ran = await job.run(checkers.pop(0), budget)
             if ran is None:
                 continue
             votes[result_digest(ran[1])].append(ran)
-            if len(votes) == 1 or _decided(votes):
-                break
-            if not settling:  # the check disagreed: the most trusted settle it from now on
+            if len(votes) > 1 and not settling:  # the check disagreed: the most trusted settle it from now on
                 settling = True
                 asked = {c.peer for group in votes.values() for c, _ in group}
-                checkers = [c for c in tie_breakers(primary, rest) if c.peer not in asked]
-        if sum(len(g) for g in votes.values()) == 1:
-            return self._unchecked(job, primary, outcome, candidates, required=verified < VERIFIED_FLOOR)
+                checkers = [c for c in tie_breakers(first, pending) if c.peer not in asked]
+        if _runs(votes) == 1:
+            return self._unchecked(job, first, outcome, candidates, required=record_verified(first) < VERIFIED_FLOOR)
         if not _decided(votes):
             raise Rejected(Reason.NO_QUORUM, "the peers disagree and no side outweighs the other by enough trust")
         return self._file(job, settle_votes(votes), votes)
+
+    async def _together(self, job: _Job, seats: list[Candidate]) -> tuple[list[tuple[Candidate, Outcome]], float]:
+        """Run a job and its check at once, so that no peer can tell whether it is the one checked or the checker.
+
+        Both are sent at the same moment with the same validity: a cheater
+        cannot answer honestly only when it is checking. Once one has answered
+        (after *d* seconds), the other has until twice that and a second, or a
+        third of the timeout, whichever is longer; then it counts as timed out.
+        Returns the answers and how long the first took.
+        """
+        started = time.perf_counter()
+        tasks = {asyncio.ensure_future(job.run(c)): c for c in seats}
+        answers: list[tuple[Candidate, Outcome]] = []
+        waiting = set(tasks)
+        until: float | None = None  # when the grace after the first answer ends
+        took = 0.0
+        try:
+            while waiting:
+                left = job.left() if until is None else until - time.perf_counter()
+                if left <= 0:
+                    break
+                done, waiting = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if (ran := task.result()) is not None:
+                        answers.append(ran)
+                if answers and until is None:
+                    took = time.perf_counter() - started
+                    until = started + attempt_budget(job.left() + took, job.timeout, last=False, expected=took)
+        finally:
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+        for task in waiting:
+            late = tasks[task]
+            detail = "no answer in time, when the peer it ran beside had answered long before"
+            job.trace.append(Attempt(late.peer, "timeout", detail, (time.perf_counter() - started) * 1000))
+            job.report("timeout", late.peer, None, detail=detail)
+        return answers, took
 
     def _unchecked(
         self, job: _Job, primary: Candidate, outcome: Outcome, candidates: list[Candidate], *, required: bool
@@ -447,17 +516,3 @@ class Verifier:
             exc.trace = job.trace
             raise
         return self._file(job, verdict, votes)
-
-    async def _first(self, job: _Job, candidates: list[Candidate]) -> tuple[Candidate, Outcome, list[Candidate]]:
-        """The primary run, falling back along the ranking; returns the peer, its outcome and the others."""
-        pending = list(candidates)
-        while pending:
-            candidate = pending.pop(0)
-            ran = await job.run(candidate)
-            if ran is not None:
-                return candidate, ran[1], pending
-            if job.left() <= 0:
-                break
-        error = job.errors[-1] if job.errors else JobTimeout(f"{job.capability}: no result in time")
-        error.trace = job.trace
-        raise error

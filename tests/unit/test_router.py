@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -42,6 +44,12 @@ KEYS = {name: Identity.generate() for name in "abcde"}
 PEERS = {name: key.public_key for name, key in KEYS.items()}
 NAMES = {key: name for name, key in PEERS.items()}
 HANG = object()
+
+
+@dataclass
+class Slow:
+    value: Any
+    seconds: float
 
 
 def info(
@@ -79,6 +87,7 @@ class FakeClient:
         self._peers = peers
         self.answers = answers  # name -> value, ("error", message), JobTimeout, NoPeerError or HANG
         self.asked: list[str] = []
+        self.sent: dict[str, tuple[float, float]] = {}  # name -> (when, the validity it was given)
 
     async def peers(self, *, timeout: float, capability: str | None = None, **_: Any) -> list[PeerInfo]:
         return self._peers
@@ -86,10 +95,14 @@ class FakeClient:
     async def submit(self, capability: str, args: dict[str, Any], *, peer: str, job_id: str, **kw: Any) -> Outcome:
         name = NAMES[peer]
         self.asked.append(name)
+        self.sent[name] = (time.monotonic(), kw["valid_for"])
         _, request = seal_envelope(ALICE, capability, args, audience=audience_for(capability, peer), job_id=job_id,
                                    ttl_ms=30_000)  # fmt: skip
         envelope = open_envelope(request)  # what the worker checks first
         answer = self.answers[name]
+        if isinstance(answer, Slow):
+            await asyncio.sleep(answer.seconds)
+            answer = answer.value
         if answer is HANG:  # a peer that never answers: the caller's timeout ends the wait
             await asyncio.sleep(kw["timeout"])
             raise JobTimeout(f"{capability}: no result within {kw['timeout']:g} s")
@@ -277,6 +290,26 @@ async def test_a_checker_that_hangs_is_replaced_within_the_deadline() -> None:
     assert done.outcome.value == 5 and done.agreeing == sorted([PEERS["a"], PEERS["c"]])
     assert [(NAMES[t.peer], t.outcome) for t in done.trace] == [("a", "success"), ("b", "timeout"), ("c", "success")]
     assert done.trace[1].ms < 4000  # a third of the timeout (2 s), not all that was left
+
+
+async def test_a_job_and_its_check_are_sent_together_so_no_peer_can_tell_which_it_is() -> None:
+    """A cheater that answered honestly only when checking would never be caught: it cannot know."""
+    r = router([info(n) for n in "ab"], answers={"a": Slow(5, 0.3), "b": 5})  # a has no verified record
+    done = await Verifier(r).submit("demo.add", {"x": 1})
+    assert done.outcome.value == 5 and done.agreeing == sorted([PEERS["a"], PEERS["b"]])
+    (a_sent, a_valid), (b_sent, b_valid) = r.client.sent["a"], r.client.sent["b"]  # type: ignore[attr-defined]
+    assert abs(a_sent - b_sent) < 0.1 and abs(a_valid - b_valid) < 0.1  # not after a's 0.3 s
+
+
+async def test_a_primary_that_hangs_beside_its_checker_is_cut_and_the_answer_checked_again() -> None:
+    r = router([info(n) for n in "abc"], answers={"a": HANG, "b": 5, "c": 5})
+    started = time.monotonic()
+    done = await Verifier(r).submit("demo.add", {"x": 1}, timeout=6)
+    assert done.outcome.value == 5 and done.agreeing == sorted([PEERS["b"], PEERS["c"]])
+    assert time.monotonic() - started < 5  # a third of the timeout for a, not all of it
+    assert ("a", "timeout") in [(NAMES[t.peer], t.outcome) for t in done.trace]
+    await r.flush()
+    assert ("a", "timeout") in evidence(r)
 
 
 class CheckEverything(random.Random):
