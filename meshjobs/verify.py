@@ -378,17 +378,19 @@ class Verifier:
             raise Rejected(Reason.NO_QUORUM, "the peers disagree and no side outweighs the other by enough trust")
         return self._file(job, settle_votes(votes), votes)
 
-    async def _together(self, job: _Job, seats: list[Candidate]) -> tuple[list[tuple[Candidate, Outcome]], float]:
-        """Run a job and its check at once, so that no peer can tell whether it is the one checked or the checker.
+    async def _together(
+        self, job: _Job, seats: list[Candidate], budget: float | None = None
+    ) -> tuple[list[tuple[Candidate, Outcome]], float]:
+        """Run *seats* at once: a job and its check, so that no peer can tell which it is, or a quorum's replicas.
 
-        Both are sent at the same moment with the same validity: a cheater
+        All are sent at the same moment with the same validity: a cheater
         cannot answer honestly only when it is checking. Once one has answered
         (after *d* seconds), the other has until twice that and a second, or a
         third of the timeout, whichever is longer; then it counts as timed out.
         Returns the answers and how long the first took.
         """
         started = time.perf_counter()
-        tasks = {asyncio.ensure_future(job.run(c)): c for c in seats}
+        tasks = {asyncio.ensure_future(job.run(c, budget)): c for c in seats}
         answers: list[tuple[Candidate, Outcome]] = []
         waiting = set(tasks)
         until: float | None = None  # when the grace after the first answer ends
@@ -490,10 +492,10 @@ class Verifier:
         limit = replicas + MAX_RUNS - 2  # runs, while a disagreement is being settled
         consulted = False  # a disagreement goes to the most trusted peer left before anyone is convicted
         while batch:
+            # Replicas at once (one that hangs is cut a while after the others answer); a refill within a budget.
             budget = None if len(batch) > 1 else attempt_budget(job.left(), timeout, last=not pending)
-            for done in await asyncio.gather(*(job.run(c, budget) for c in batch)):
-                if done is not None:
-                    votes[result_digest(done[1])].append(done)
+            for done in (await self._together(job, batch, budget))[0]:
+                votes[result_digest(done[1])].append(done)
             settling = False
             if len(votes) > 1 and sum(len(group) for group in votes.values()) < limit:
                 # The most trusted settle it from now on, one at a time, as in submit().

@@ -455,6 +455,16 @@ async def test_replicas_come_from_distinct_communities() -> None:
     assert done.outcome.value == 5 and asked(r) == ["a", "c"]  # not b: a already stands for community c1
 
 
+async def test_a_replica_that_hangs_does_not_hold_the_quorum() -> None:
+    r = router([info(n) for n in "abcd"], answers={"a": HANG, "b": 5, "c": 5, "d": 5})
+    started = time.monotonic()
+    done = await Verifier(r).submit_quorum("demo.add", replicas=3, quorum=2, timeout=6)
+    assert done.outcome.value == 5 and done.agreeing == sorted([PEERS["b"], PEERS["c"]])
+    assert time.monotonic() - started < 4.5  # a is cut a third of the timeout after the others answered
+    await r.flush()
+    assert ("a", "timeout") in evidence(r)
+
+
 async def test_only_deterministic_peers_vote() -> None:
     r = router([info("a"), info("b", deterministic=False)], answers={"a": 5, "b": 5})
     with pytest.raises(NoPeerError, match="a quorum needs 2"):
