@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections import defaultdict
@@ -279,8 +280,12 @@ class _Job:
         if left <= 0:
             return None
         started = time.perf_counter()
+        # Whole seconds of validity: how long the submitter took before sending (choosing a checker, say)
+        # must not show in the request, or a peer could tell a checked job from an unchecked one.
+        valid = float(math.ceil(left))
+        budget = left if budget is None else min(budget, left)
         kind, outcome, error = await self.router.attempt(
-            candidate.peer, self.capability, self.args, self.job_id, left if budget is None else min(budget, left), left
+            candidate.peer, self.capability, self.args, self.job_id, budget, valid
         )
         ms = (time.perf_counter() - started) * 1000
         self.trace.append(Attempt(candidate.peer, kind or "skipped", str(error or ""), ms))
@@ -383,13 +388,15 @@ class Verifier:
     ) -> tuple[list[tuple[Candidate, Outcome]], float]:
         """Run *seats* at once: a job and its check, so that no peer can tell which it is, or a quorum's replicas.
 
-        All are sent at the same moment with the same validity: a cheater
-        cannot answer honestly only when it is checking. Once one has answered
+        All are sent at the same moment, in random order, with the same
+        validity: a cheater cannot answer honestly only when it is checking. Once one has answered
         (after *d* seconds), the other has until twice that and a second, or a
         third of the timeout, whichever is longer; then it counts as timed out.
         Returns the answers and how long the first took.
         """
         started = time.perf_counter()
+        seats = list(seats)
+        self.rng.shuffle(seats)  # sent one after the other: which goes first must say nothing about who checks
         tasks = {asyncio.ensure_future(job.run(c, budget)): c for c in seats}
         answers: list[tuple[Candidate, Outcome]] = []
         waiting = set(tasks)

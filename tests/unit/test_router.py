@@ -270,7 +270,7 @@ async def test_a_peer_proven_wrong_gets_no_more_work_from_that_submitter_until_r
     r.rank = lambda found: sorted(found, key=lambda c: (c.peer != PEERS["b"], NAMES[c.peer]))  # type: ignore[method-assign]
     done = await Verifier(r).submit("demo.add", {"x": 1})
     await r.flush()
-    assert done.outcome.value == 5 and done.dissenting == [PEERS["b"]] and asked(r)[0] == "b"
+    assert done.outcome.value == 5 and done.dissenting == [PEERS["b"]] and "b" in asked(r)[:2]
     assert ("b", "wrong") in evidence(r)
     assert PEERS["b"] not in {c.peer for c in await r.candidates("demo.add", Constraints())}
     with pytest.raises(Rejected) as caught:
@@ -298,7 +298,9 @@ async def test_a_job_and_its_check_are_sent_together_so_no_peer_can_tell_which_i
     done = await Verifier(r).submit("demo.add", {"x": 1})
     assert done.outcome.value == 5 and done.agreeing == sorted([PEERS["a"], PEERS["b"]])
     (a_sent, a_valid), (b_sent, b_valid) = r.client.sent["a"], r.client.sent["b"]  # type: ignore[attr-defined]
-    assert abs(a_sent - b_sent) < 0.1 and abs(a_valid - b_valid) < 0.1  # not after a's 0.3 s
+    assert abs(a_sent - b_sent) < 0.1  # not after a's 0.3 s
+    # Whole seconds, the same for both: the time spent choosing the checker does not show.
+    assert a_valid == b_valid == 30
 
 
 async def test_a_primary_that_hangs_beside_its_checker_is_cut_and_the_answer_checked_again() -> None:
@@ -323,7 +325,7 @@ async def test_an_unproven_result_nobody_checked_is_refused_unless_nobody_else_i
     with pytest.raises(Rejected) as caught:
         await Verifier(r).submit("demo.add", {"x": 1})
     assert caught.value.reason is Reason.NO_QUORUM and "could not be checked" in str(caught.value)
-    assert [(NAMES[t.peer], t.outcome) for t in caught.value.trace] == [("a", "success"), ("b", "failure")]
+    assert sorted((NAMES[t.peer], t.outcome) for t in caught.value.trace) == [("a", "success"), ("b", "failure")]
     # The only peer there is, or the others gone since discovery: the unverified result, said so.
     for peers, answers in (([info("a")], {"a": 5}), ([info("a"), info("b")], {"a": 5, "b": NoPeerError})):
         done = await Verifier(router(peers, answers=answers)).submit("demo.add", {"x": 1})
@@ -395,7 +397,7 @@ async def test_more_peers_are_asked_until_a_quorum_agrees() -> None:
     r = router([info(n) for n in "abcd"], ranked("a", "b", "c", "d"), answers=answers)
     done = await Verifier(r).submit_quorum("demo.add", replicas=2, quorum=2)
     await r.flush()
-    assert asked(r) == ["a", "b", "c", "d"] and done.outcome.value == 5
+    assert sorted(asked(r)[:2]) == ["a", "b"] and asked(r)[2:] == ["c", "d"] and done.outcome.value == 5
     assert evidence(r) == [("a", "agree"), ("b", "failure"), ("c", "wrong"), ("d", "agree")]
 
 
@@ -413,7 +415,8 @@ async def test_agreeing_cheaters_cannot_outvote_trust() -> None:
     r.anchors = frozenset({PEERS["d"]})
     done = await Verifier(r).submit_quorum("demo.add", replicas=3, quorum=2)
     await r.flush()
-    assert done.outcome.value == 5 and asked(r) == ["a", "b", "c", "d"]  # d, the anchor, asked first of the rest
+    # The replicas a, b and c at once (in random order), then d, the anchor, first of the rest.
+    assert done.outcome.value == 5 and sorted(asked(r)[:3]) == ["a", "b", "c"] and asked(r)[3:] == ["d"]
     assert done.agreeing == sorted([PEERS["c"], PEERS["d"]]) and done.dissenting == sorted([PEERS["a"], PEERS["b"]])
     assert evidence(r) == [("a", "wrong"), ("b", "wrong"), ("c", "agree"), ("d", "agree")]
     assert all("outweighed by 2" in e.detail for e in stored(r) if e.kind == "wrong")
@@ -452,7 +455,7 @@ async def test_replicas_come_from_distinct_communities() -> None:
     peers = [info("a", community="c1"), info("b", community="c1"), info("c", community="c2"), info("d")]
     r = router(peers, answers=dict.fromkeys("abcd", 5))
     done = await Verifier(r).submit_quorum("demo.add", replicas=2, quorum=2)
-    assert done.outcome.value == 5 and asked(r) == ["a", "c"]  # not b: a already stands for community c1
+    assert done.outcome.value == 5 and sorted(asked(r)) == ["a", "c"]  # not b: a already stands for community c1
 
 
 async def test_a_replica_that_hangs_does_not_hold_the_quorum() -> None:
