@@ -40,6 +40,9 @@ _LABELS = {"starting": "starting peers", "jobs": "jobs", "settling": "settling r
 @click.option("--collude", is_flag=True,
               help="camouflage, long-con: the cheaters act as one, returning one wrong value per job "
                    "(camouflage: cheating on the same jobs), so checks between two of them agree.")  # fmt: skip
+@click.option("--role-aware", is_flag=True,
+              help="Cheaters answer honestly whenever a request looks like a check (less validity left than a "
+                   "job's first request), cheating only where they guess they are the first peer asked.")  # fmt: skip
 @click.option("--verify", default="auto", show_default=True, help="The submitter's --verify: auto, off or quorum:N/M.")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True, help="Jobs in flight.")
 @click.option("--rate", type=Bounded(0.0, 100_000.0), default=0.0, show_default=True,
@@ -62,7 +65,8 @@ def sim(as_json: bool, check: bool, **opts: Any) -> None:
     camouflage (wrong with probability --p); collective (all the same wrong
     value); long-con (honest for --k jobs, then wrong); forge (always wrong,
     and forging reputation records and evidence with fresh keys). With
-    --collude, camouflage and long-con cheaters act as one.
+    --collude, camouflage and long-con cheaters act as one; with --role-aware,
+    cheaters answer honestly whenever they guess they are checking.
     Every process and file of the run is gone when it ends, Ctrl-C included.
     """
     from meshjobs.sim import SimConfig, run_sim
@@ -129,8 +133,10 @@ def _table(report: dict[str, Any], missed: list[str]) -> None:
     from meshjobs.sim.report import TARGETS
 
     targets = {name: f"{op} {bound:g}" for name, op, bound in TARGETS}
+    traits = [t for t, on in (("colluding", report.get("collude")), ("role-aware", report.get("role_aware"))) if on]
+    kind = f"{report['scenario']} ({', '.join(traits)})" if traits else report["scenario"]
     title = (
-        f"meshjobs sim: {report['scenario']}{' (colluding)' if report.get('collude') else ''}, "
+        f"meshjobs sim: {kind}, "
         f"seed {report['seed']}, {report['peers']} peers "
         f"({report['malicious']} malicious, {report['pretrusted']} pre-trusted), {report['jobs']} jobs, "
         f"{report['seconds']:g} s"

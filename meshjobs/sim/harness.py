@@ -61,6 +61,8 @@ class SimConfig:
     """long-con: jobs a cheater answers honestly before it turns."""
     collude: bool = False
     """camouflage, long-con: the cheaters act as one (one wrong value per job)."""
+    role_aware: bool = False
+    """Cheaters answer honestly whenever a request looks like a check (:class:`~meshjobs.sim.scenarios.RoleGuess`)."""
     verify: str = "auto"
     concurrency: int = 8
     """Jobs in flight at once."""
@@ -101,6 +103,7 @@ class SimConfig:
             p=self.p,
             k=self.k,
             collude=self.collude,
+            role_aware=self.role_aware,
         )
 
 
@@ -265,6 +268,7 @@ class Harness:
                 p=plan.p,
                 k=plan.k,
                 collude=plan.collude,
+                role_aware=plan.role_aware,
                 peers=peers,
                 honest_keys=honest,
                 colluder_seeds=colluders,

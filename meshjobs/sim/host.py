@@ -30,12 +30,13 @@ from nats.aio.client import Client as NATS
 from pydantic import BaseModel, ConfigDict
 
 from meshjobs._nats import connect
+from meshjobs.envelope import now_ms
 from meshjobs.identity import Identity
 from meshjobs.runtime.app import App, JobContext
 from meshjobs.runtime.config import WorkerConfig
 from meshjobs.runtime.worker import Worker
 from meshjobs.sim.forge import Forger
-from meshjobs.sim.scenarios import CAPABILITY, Behaviour, Scenario
+from meshjobs.sim.scenarios import CAPABILITY, Behaviour, RoleGuess, Scenario
 from meshjobs.trust.policy import load_trust
 
 log = logging.getLogger("meshjobs.sim.host")
@@ -65,6 +66,7 @@ class HostSpec(BaseModel):
     p: float
     k: int
     collude: bool = False
+    role_aware: bool = False
     peers: list[PeerSpec]
     honest_keys: list[str] = []
     """Every honest peer of the run (targets of the forgers' false evidence)."""
@@ -80,12 +82,14 @@ def sim_app(behaviour: Behaviour, log_fd: int) -> App:
     """The app of one simulated peer: one deterministic capability, answered as *behaviour* says."""
     app = App("sim", description="meshjobs adversary simulation peer")
     runs = 0
+    guess = RoleGuess()
 
     @app.capability(CAPABILITY, deterministic=True, idempotent=True, timeout=30)
     async def compute(task: int, x: int, salt: str, ctx: JobContext) -> str:
         """Hash x and salt (the simulation's deterministic job)."""
         nonlocal runs
-        value = behaviour.answer(runs, x, salt)
+        looks_checked = guess.looks_checked(ctx.expires_at_ms - now_ms())
+        value = behaviour.answer(runs, x, salt, looks_checked=looks_checked)
         runs += 1
         line = {
             "peer": behaviour.index,
@@ -94,6 +98,7 @@ def sim_app(behaviour: Behaviour, log_fd: int) -> App:
             "submitter": ctx.submitter,
             "honest": behaviour.honest,
             "value": value,
+            "looks_checked": looks_checked,
         }
         os.write(log_fd, (json.dumps(line, separators=(",", ":")) + "\n").encode())
         return value
@@ -101,9 +106,14 @@ def sim_app(behaviour: Behaviour, log_fd: int) -> App:
     return app
 
 
+def behaviour_of(spec: HostSpec, peer: PeerSpec) -> Behaviour:
+    """How *peer* answers, as the run's plan says."""
+    return Behaviour(peer.honest, spec.scenario, spec.p, spec.k, spec.seed, peer.index, spec.collude, spec.role_aware)
+
+
 async def _start_peer(spec: HostSpec, peer: PeerSpec, log_fd: int) -> tuple[Worker, NATS, Identity]:
     identity = Identity.from_seed_text(peer.seed)
-    behaviour = Behaviour(peer.honest, spec.scenario, spec.p, spec.k, spec.seed, peer.index, spec.collude)
+    behaviour = behaviour_of(spec, peer)
     policy = load_trust(Path(spec.trust_file), required=True)
     config = WorkerConfig(
         name=f"sim-{peer.index:03d}",

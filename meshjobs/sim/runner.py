@@ -196,6 +196,7 @@ def run_sim(config: SimConfig, progress: Progress | None = None) -> dict[str, An
         "p": plan.p if plan.scenario == "camouflage" else None,
         "k": plan.k if plan.scenario == "long-con" else None,
         "collude": plan.collude,
+        "role_aware": plan.role_aware,
         "forged": forged,
         "adapters": harness.adapters,
         "workdir": str(workdir) if config.keep else None,

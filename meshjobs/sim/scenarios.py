@@ -17,6 +17,11 @@ With ``collude``, ``camouflage`` and ``long-con`` cheaters act as one, as
 ``collective`` ones do: they return one wrong value per job, and camouflage
 cheaters cheat on the same jobs, so a check between two of them agrees.
 
+With ``role_aware``, cheaters answer honestly whenever a request looks like
+a check (:class:`RoleGuess`: it arrives with less validity left than the
+first requests of jobs do), so they build a verified record as checkers at
+no risk and cheat only where they guess they are the first peer asked.
+
 The plan (who cheats, who is pre-trusted, every job's arguments) follows from
 the seed alone, so a run can be repeated; which peer runs which job is up to
 the mesh.
@@ -69,11 +74,13 @@ class Behaviour:
     index: int = 0
     collude: bool = False
     """camouflage, long-con: cheat as one (the same wrong value; camouflage: on the same jobs)."""
+    role_aware: bool = False
+    """Answer honestly whenever the request looks like a check (see :class:`RoleGuess`)."""
 
-    def answer(self, runs_before: int, x: int, salt: str) -> str:
+    def answer(self, runs_before: int, x: int, salt: str, *, looks_checked: bool = False) -> str:
         """The value this peer returns for a job, given how many jobs it ran before."""
         right = honest_value(x, salt)
-        if self.honest:
+        if self.honest or (self.role_aware and looks_checked):
             return right
         one = self.collude or self.scenario == "collective"
         coin = _coin(self.seed, x, salt) if one else _coin(self.seed, self.index, x, salt)
@@ -102,9 +109,11 @@ class Plan:
     p: float
     k: int
     collude: bool = False
+    role_aware: bool = False
 
     def behaviour(self, index: int) -> Behaviour:
-        return Behaviour(index not in self.malicious, self.scenario, self.p, self.k, self.seed, index, self.collude)
+        honest = index not in self.malicious
+        return Behaviour(honest, self.scenario, self.p, self.k, self.seed, index, self.collude, self.role_aware)
 
     @property
     def honest(self) -> frozenset[int]:
@@ -125,6 +134,7 @@ def make_plan(
     p: float = 0.3,
     k: int = 5,
     collude: bool = False,
+    role_aware: bool = False,
 ) -> Plan:
     """Choose the cheaters (``round(peers * malicious)`` of them) and the pre-trusted honest peers."""
     if scenario not in SCENARIOS:
@@ -147,7 +157,26 @@ def make_plan(
     honest = sorted(set(range(peers)) - cheaters)
     anchors = frozenset(rng.sample(honest, pretrusted))
     chosen = next(s for s in SCENARIOS if s == scenario)
-    return Plan(peers, cheaters, anchors, chosen, seed, p, k, collude)
+    return Plan(peers, cheaters, anchors, chosen, seed, p, k, collude, role_aware)
+
+
+@dataclass
+class RoleGuess:
+    """A role-aware cheater's guess whether a request is a check rather than the first run of a job.
+
+    A check sent after the first peer has answered carries less validity
+    than a job's first request, by about the time the first run took: a
+    request with at least :attr:`margin_ms` less left than the most any
+    request had on arrival looks like one. (meshjobs sends a check beside the
+    first run, with the same validity, so the guess finds nothing to go by.)
+    """
+
+    margin_ms: int = 5
+    peak_ms: int = 0
+
+    def looks_checked(self, left_ms: int) -> bool:
+        self.peak_ms = max(self.peak_ms, left_ms)
+        return left_ms < self.peak_ms - self.margin_ms
 
 
 def job_args(seed: int, task: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from meshjobs.sim.scenarios import expected
 from tests.conftest import REPO, cli_env
 
 FIELDS = (
@@ -116,6 +117,29 @@ def test_colluding_cheaters_return_one_wrong_value_per_job(tmp_path: Path, home:
             by_task.setdefault(int(run["task"]), []).append(run["value"])
     assert all(len(set(values)) == 1 for values in by_task.values())
     assert any(len(values) > 1 for values in by_task.values())  # two cheaters ran one job, and agreed
+
+
+def test_role_aware_reaches_every_worker_process(tmp_path: Path, home: Path) -> None:
+    """--role-aware: each process's spec says so, and a cheater's every guess of a check is an honest answer."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    args = ("--peers", "8", "--jobs", "30", "--seed", "4", "--processes", "2", "--pretrusted", "1")
+    out = sim(tmp, home, *args, "--scenario", "always-wrong", "--role-aware", "--keep", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["role_aware"] is True
+    workdir = Path(report["workdir"])
+    try:
+        specs = [json.loads(p.read_text()) for p in sorted(workdir.glob("host-*.json")) if "stats" not in p.name]
+        runs = [json.loads(line) for line in (workdir / "executions.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(workdir)
+    assert len(specs) == 2 and all(spec["role_aware"] is True for spec in specs)
+    cheaters = {p["index"] for p in report["detail"] if p["role"] == "malicious"}
+    seen = [run for run in runs if int(run["peer"]) in cheaters]
+    assert seen and all(isinstance(run["looks_checked"], bool) for run in runs)
+    # Guessed first: always wrong (the scenario); guessed a check: the honest value.
+    assert all((run["value"] == expected(4, int(run["task"]))) == run["looks_checked"] for run in seen)
 
 
 def test_ctrl_c_stops_every_process_and_removes_the_run(tmp_path: Path, home: Path) -> None:

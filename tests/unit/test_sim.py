@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from meshjobs import envelope as wire
 from meshjobs.errors import UsageError
 from meshjobs.identity import Identity
+from meshjobs.runtime.app import JobContext
 from meshjobs.sim.forge import fabricate, forged_record
+from meshjobs.sim.host import HostSpec, PeerSpec, behaviour_of, sim_app
 from meshjobs.sim.report import JobResult, check, summarize
-from meshjobs.sim.scenarios import Behaviour, expected, honest_value, job_args, make_plan
+from meshjobs.sim.scenarios import CAPABILITY, Behaviour, RoleGuess, expected, honest_value, job_args, make_plan
 from meshjobs.trust.evidence import check_proof, make_evidence
 from meshjobs.trust.record import Record
 
@@ -62,6 +68,37 @@ def test_colluding_cheaters_act_as_one() -> None:
     with pytest.raises(UsageError, match="collusion applies to camouflage and long-con"):
         make_plan(40, 0.3, "always-wrong", 0, collude=True)
     assert make_plan(40, 0.3, "long-con", 0, collude=True).behaviour(0).collude
+
+
+def test_role_aware_cheaters_answer_honestly_when_a_request_looks_like_a_check() -> None:
+    guess = RoleGuess()
+    assert [guess.looks_checked(ms) for ms in (29_990, 29_998, 29_994, 29_992, 29_999)] == [
+        False, False, False, True, False,
+    ]  # fmt: skip  # 29_992 arrived 6 ms short of the most any request had left
+    right = honest_value(1, "a")
+    aware = Behaviour(False, "always-wrong", role_aware=True)
+    assert aware.answer(0, 1, "a", looks_checked=True) == right != aware.answer(0, 1, "a")
+    assert Behaviour(False, "always-wrong").answer(0, 1, "a", looks_checked=True) != right
+    assert make_plan(40, 0.3, "long-con", 0, role_aware=True).behaviour(0).role_aware
+
+
+async def test_the_role_aware_handler_guesses_from_the_validity_left(tmp_path: Path) -> None:
+    """What the simulated worker does: the same cheater, a first request and then a late one."""
+    spec = HostSpec(url="nats://127.0.0.1:1", trust_file="t", execution_log="e", scenario="always-wrong", seed=1,
+                    p=0.3, k=5, role_aware=True, peers=[])  # fmt: skip
+    cheater = behaviour_of(spec, PeerSpec(index=3, seed="s", honest=False))
+    log = tmp_path / "executions.jsonl"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        compute = sim_app(cheater, fd).capabilities[CAPABILITY].func
+        for left_ms in (30_000, 29_000):
+            ctx = JobContext("job-1", CAPABILITY, "S", "W", wire.now_ms() + left_ms)
+            await compute(task=1, x=7, salt="s", ctx=ctx)
+    finally:
+        os.close(fd)
+    first, late = (json.loads(line) for line in log.read_text().splitlines())
+    assert (first["looks_checked"], late["looks_checked"]) == (False, True)
+    assert first["value"] != honest_value(7, "s") == late["value"]
 
 
 def test_summary_numbers() -> None:
