@@ -247,7 +247,7 @@ def _settled(votes: Votes) -> bool:
 
 def _decided(votes: Votes) -> bool:
     """Whether the votes settle it: never a conviction on one peer's word against another's."""
-    if len(votes) > 1 and sum(len(group) for group in votes.values()) < 3:
+    if len(votes) > 1 and _runs(votes) < 3:
         return False
     try:
         settle_votes(votes)
@@ -296,7 +296,7 @@ class _Job:
             if isinstance(error, NoPeerError):
                 self.absent.add(candidate.peer)
         if kind and kind != "success":
-            self.router.report(kind, candidate.peer, outcome, self.job_id, self.capability, detail=str(error or ""))  # type: ignore[arg-type]
+            self.report(kind, candidate.peer, outcome, detail=str(error or ""))
             return None
         if outcome is None or error is not None:
             return None
@@ -326,7 +326,7 @@ class Verifier:
         timeout: float = 30.0,
         job_id: str | None = None,
     ) -> RoutedOutcome:
-        """Run once on a ranked peer, check adaptively, settle disagreements; executions are in the trace.
+        """Run on a ranked peer (its check, if drawn, beside it), settle disagreements; executions are in the trace.
 
         A result that must be checked (its peer has no verified record yet) is
         returned unchecked only when no other peer could be reached at all;
