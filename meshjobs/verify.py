@@ -389,12 +389,13 @@ class Verifier:
         """Run *seats* at once: a job and its check, so that no peer can tell which it is, or a quorum's replicas.
 
         All are sent at the same moment, in random order, with the same
-        validity: a cheater cannot answer honestly only when it is checking. Once one has answered
-        (after *d* seconds), the other has until twice that and a second, or a
-        third of the timeout, whichever is longer; then it counts as timed out.
+        validity: a cheater cannot answer honestly only when it is checking.
+        Once one has answered (after *d* seconds), the others have until twice
+        that and a second, or a third of the timeout, whichever is longer; then
+        they count as timed out.
         Returns the answers and how long the first took.
         """
-        started = time.perf_counter()
+        started, total = time.perf_counter(), job.left()
         seats = list(seats)
         self.rng.shuffle(seats)  # sent one after the other: which goes first must say nothing about who checks
         tasks = {asyncio.ensure_future(job.run(c, budget)): c for c in seats}
@@ -413,7 +414,7 @@ class Verifier:
                         answers.append(ran)
                 if answers and until is None:
                     took = time.perf_counter() - started
-                    until = started + attempt_budget(job.left() + took, job.timeout, last=False, expected=took)
+                    until = started + attempt_budget(total, job.timeout, last=False, expected=took)
         finally:
             for task in waiting:
                 task.cancel()
@@ -504,7 +505,7 @@ class Verifier:
             for done in (await self._together(job, batch, budget))[0]:
                 votes[result_digest(done[1])].append(done)
             settling = False
-            if len(votes) > 1 and sum(len(group) for group in votes.values()) < limit:
+            if len(votes) > 1 and _runs(votes) < limit:
                 # The most trusted settle it from now on, one at a time, as in submit().
                 pending = sorted(pending, key=lambda c: -standing(c))
                 settling = bool(pending) and standing(pending[0]) > 0
