@@ -129,6 +129,11 @@ class Candidate:
     def peer(self) -> str:
         return self.info.peer
 
+    @property
+    def expected(self) -> float:
+        """Seconds its jobs took lately, by its signed record (0 when unknown): long jobs get the time they need."""
+        return (self.record.latency_ms or 0.0) / 1000
+
 
 @dataclass
 class RoutedOutcome:
@@ -392,7 +397,7 @@ class Router:
             left = deadline - loop.time()
             if left <= 0:
                 break
-            budget = attempt_budget(left, timeout, last=index == len(candidates) - 1)
+            budget = attempt_budget(left, timeout, last=index == len(candidates) - 1, expected=candidate.expected)
             started = time.perf_counter()
             kind, outcome, error = await self.attempt(candidate.peer, capability, args, job_id, budget, left)
             trace.append(

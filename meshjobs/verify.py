@@ -350,7 +350,10 @@ class Verifier:
             if checked and (chosen := pick_checker(primary, pending, self.rng)):
                 seats.append(chosen[0])
                 pending.remove(chosen[0])
-            answers, took = await self._together(job, seats)
+            # A primary that hangs alone leaves time for the next, as on the routed path.
+            expected = max(seat.expected for seat in seats)
+            budget = attempt_budget(job.left(), timeout, last=not pending, expected=expected)
+            answers, took = await self._together(job, seats, budget)
         if not answers:
             error = job.errors[-1] if job.errors else JobTimeout(f"{capability}: no result in time")
             error.trace = job.trace
@@ -501,7 +504,9 @@ class Verifier:
         consulted = False  # a disagreement goes to the most trusted peer left before anyone is convicted
         while batch:
             # Replicas at once (one that hangs is cut a while after the others answer); a refill within a budget.
-            budget = None if len(batch) > 1 else attempt_budget(job.left(), timeout, last=not pending)
+            budget = None
+            if len(batch) == 1:
+                budget = attempt_budget(job.left(), timeout, last=not pending, expected=batch[0].expected)
             for done in (await self._together(job, batch, budget))[0]:
                 votes[result_digest(done[1])].append(done)
             settling = False

@@ -10,6 +10,7 @@ code before the router sees it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from meshjobs.envelope import (
     seal_result,
     seal_statement,
 )
-from meshjobs.errors import JobTimeout, NoPeerError, Reason, Rejected, UsageError
+from meshjobs.errors import JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
 from meshjobs.identity import Identity
 from meshjobs.router import Constraints, Router, result_digest
 from meshjobs.subjects import audience_for
@@ -100,6 +101,8 @@ class FakeClient:
                                    ttl_ms=30_000)  # fmt: skip
         envelope = open_envelope(request)  # what the worker checks first
         answer = self.answers[name]
+        if isinstance(answer, Slow) and answer.seconds > kw["timeout"]:  # as the real client: no longer than that
+            answer = HANG
         if isinstance(answer, Slow):
             await asyncio.sleep(answer.seconds)
             answer = answer.value
@@ -317,6 +320,38 @@ async def test_a_primary_that_hangs_beside_its_checker_is_cut_and_the_answer_che
 class CheckEverything(random.Random):
     def random(self) -> float:
         return 0.0
+
+
+class CheckNothing(random.Random):
+    def random(self) -> float:
+        return 0.99
+
+
+async def test_a_primary_that_hangs_alone_leaves_time_for_the_next_peer() -> None:
+    proven = [Record(peer=PEERS[n], verified=10) for n in "ab"]  # spot-checked at 10%: here, not at all
+    r = router([info(n) for n in "ab"], proven, {"a": HANG, "b": 5})
+    started = time.monotonic()
+    done = await Verifier(r, rng=CheckNothing()).submit("demo.add", {"x": 1}, timeout=6)
+    assert done.outcome.value == 5 and [(NAMES[t.peer], t.outcome) for t in done.trace] == [
+        ("a", "timeout"),
+        ("b", "success"),
+    ]
+    assert done.trace[0].ms < 3000 and time.monotonic() - started < 4  # a third of the timeout, not all of it
+
+
+@pytest.mark.parametrize("verified", [False, True])
+async def test_a_peer_known_for_long_jobs_gets_the_time_they_take(verified: bool) -> None:
+    """The share of the timeout grows with what the peer's signed record says its jobs take."""
+    for latency, outcome in ((None, "timeout"), (1500.0, "success")):  # a third of the timeout is 1 s
+        records = [Record(peer=PEERS[n], verified=10, latency_ms=latency) for n in "ab"]
+        r = router([info(n) for n in "ab"], records, {"a": Slow(5, 1.5), "b": ("error", "boom")})
+        with contextlib.suppress(MeshError):
+            if verified:
+                await Verifier(r, rng=CheckNothing()).submit("demo.add", {"x": 1}, timeout=3)
+            else:
+                await r.submit("demo.add", {"x": 1}, timeout=3)
+        await r.flush()
+        assert ("a", outcome) in evidence(r)
 
 
 async def test_an_unproven_result_nobody_checked_is_refused_unless_nobody_else_is_there() -> None:
