@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -384,33 +385,80 @@ class Router:
         job_id: str | None = None,
     ) -> RoutedOutcome:
         """Run on the best qualified peer; fall back to the next ones within *timeout*."""
-        args = args or {}
-        job_id = job_id or new_job_id()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        job = JobRun.start(self, capability, args, job_id, timeout)
         candidates = await self.candidates(capability, constraints)
         if not candidates:
             raise NoPeerError(f"no capable peer: nobody offering {capability!r} meets the constraints")
-        trace: list[Attempt] = []
-        last: MeshError | None = None
         for index, candidate in enumerate(candidates):
-            left = deadline - loop.time()
-            if left <= 0:
+            if job.left() <= 0:
                 break
-            budget = attempt_budget(left, timeout, last=index == len(candidates) - 1, expected=candidate.expected)
-            started = time.perf_counter()
-            kind, outcome, error = await self.attempt(candidate.peer, capability, args, job_id, budget, left)
-            trace.append(
-                Attempt(candidate.peer, kind or "skipped", str(error or ""), (time.perf_counter() - started) * 1000)
-            )
-            if kind:
-                self.report(kind, candidate.peer, outcome, job_id, capability, detail=str(error or ""))  # type: ignore[arg-type]
-            if error is None and outcome is not None:
-                return RoutedOutcome(outcome, trace, [candidate.peer])
-            if isinstance(error, UsageError):
-                raise error
-            last = error
-        if isinstance(last, MeshError):
-            last.trace = trace
-            raise last
-        raise JobTimeout(f"{capability}: no result within {timeout:g} s")
+            budget = attempt_budget(job.left(), timeout, last=index == len(candidates) - 1, expected=candidate.expected)
+            if (ran := await job.run(candidate, budget)) is not None:
+                job.report("success", candidate.peer, ran[1])
+                return RoutedOutcome(ran[1], job.trace, [candidate.peer])
+        raise job.failure()
+
+
+@dataclass
+class JobRun:
+    """One job's runs on one or more peers (fallbacks, checks, votes): what they share, and what they leave."""
+
+    router: Router
+    capability: str
+    args: dict[str, Any]
+    job_id: str
+    timeout: float
+    deadline: float
+    trace: list[Attempt] = field(default_factory=list)
+    errors: list[MeshError] = field(default_factory=list)
+    absent: set[str] = field(default_factory=set)
+    """Peers nobody was listening for (gone since discovery): they could not have checked anything."""
+
+    @classmethod
+    def start(
+        cls, router: Router, capability: str, args: dict[str, Any] | None, job_id: str | None, timeout: float
+    ) -> JobRun:
+        deadline = asyncio.get_running_loop().time() + timeout
+        return cls(router, capability, args or {}, job_id or new_job_id(), timeout, deadline)
+
+    def left(self) -> float:
+        return self.deadline - asyncio.get_running_loop().time()
+
+    async def run(self, candidate: Candidate, budget: float | None = None) -> tuple[Candidate, Outcome] | None:
+        """One run on *candidate* (within *budget* seconds, if given); its outcome, or None (reported)."""
+        left = self.left()
+        if left <= 0:
+            return None
+        started = time.perf_counter()
+        # Whole seconds of validity: how long the submitter took before sending (choosing a checker, say)
+        # must not show in the request, or a peer could tell a checked job from an unchecked one.
+        valid = float(math.ceil(left))
+        budget = left if budget is None else min(budget, left)
+        kind, outcome, error = await self.router.attempt(
+            candidate.peer, self.capability, self.args, self.job_id, budget, valid
+        )
+        ms = (time.perf_counter() - started) * 1000
+        self.trace.append(Attempt(candidate.peer, kind or "skipped", str(error or ""), ms))
+        if isinstance(error, UsageError):
+            raise error
+        if error is not None:
+            self.errors.append(error)
+            if isinstance(error, NoPeerError):
+                self.absent.add(candidate.peer)
+        if kind and kind != "success":
+            self.report(kind, candidate.peer, outcome, detail=str(error or ""))
+            return None
+        if outcome is None or error is not None:
+            return None
+        return candidate, outcome
+
+    def failure(self) -> MeshError:
+        """What to raise when no run gave a result: the last error (with the trace), or a timeout."""
+        error = (
+            self.errors[-1] if self.errors else JobTimeout(f"{self.capability}: no result within {self.timeout:g} s")
+        )
+        error.trace = self.trace
+        return error
+
+    def report(self, kind: str, peer: str, outcome: Outcome | None, **extra: Any) -> None:
+        self.router.report(kind, peer, outcome, self.job_id, self.capability, **extra)  # type: ignore[arg-type]

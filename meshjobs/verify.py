@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections import defaultdict
@@ -57,9 +56,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshjobs.client import Outcome
-from meshjobs.envelope import new_job_id
-from meshjobs.errors import JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
-from meshjobs.router import Attempt, Candidate, Constraints, RoutedOutcome, Router, attempt_budget, result_digest
+from meshjobs.errors import NoPeerError, Reason, Rejected, UsageError
+from meshjobs.router import (
+    Attempt,
+    Candidate,
+    Constraints,
+    JobRun,
+    RoutedOutcome,
+    Router,
+    attempt_budget,
+    result_digest,
+)
 from meshjobs.trust.record import wilson_lower
 
 log = logging.getLogger("meshjobs.verify")
@@ -256,66 +263,12 @@ def _decided(votes: Votes) -> bool:
     return True
 
 
-@dataclass
-class _Job:
-    """One verified job's runs on several peers: what they share, and what they leave behind."""
-
-    router: Router
-    capability: str
-    args: dict[str, Any]
-    job_id: str
-    timeout: float
-    deadline: float
-    trace: list[Attempt] = field(default_factory=list)
-    errors: list[MeshError] = field(default_factory=list)
-    absent: set[str] = field(default_factory=set)
-    """Peers nobody was listening for (gone since discovery): they could not have checked anything."""
-
-    def left(self) -> float:
-        return self.deadline - asyncio.get_running_loop().time()
-
-    async def run(self, candidate: Candidate, budget: float | None = None) -> tuple[Candidate, Outcome] | None:
-        """One run on *candidate* (within *budget* seconds, if given); its outcome, or None (reported)."""
-        left = self.left()
-        if left <= 0:
-            return None
-        started = time.perf_counter()
-        # Whole seconds of validity: how long the submitter took before sending (choosing a checker, say)
-        # must not show in the request, or a peer could tell a checked job from an unchecked one.
-        valid = float(math.ceil(left))
-        budget = left if budget is None else min(budget, left)
-        kind, outcome, error = await self.router.attempt(
-            candidate.peer, self.capability, self.args, self.job_id, budget, valid
-        )
-        ms = (time.perf_counter() - started) * 1000
-        self.trace.append(Attempt(candidate.peer, kind or "skipped", str(error or ""), ms))
-        if isinstance(error, UsageError):
-            raise error
-        if error is not None:
-            self.errors.append(error)
-            if isinstance(error, NoPeerError):
-                self.absent.add(candidate.peer)
-        if kind and kind != "success":
-            self.report(kind, candidate.peer, outcome, detail=str(error or ""))
-            return None
-        if outcome is None or error is not None:
-            return None
-        return candidate, outcome
-
-    def report(self, kind: str, peer: str, outcome: Outcome | None, **extra: Any) -> None:
-        self.router.report(kind, peer, outcome, self.job_id, self.capability, **extra)  # type: ignore[arg-type]
-
-
 class Verifier:
     """Runs deterministic jobs with adaptive verification on one router."""
 
     def __init__(self, router: Router, rng: random.Random | None = None) -> None:
         self.router = router
         self.rng = rng or random.Random()
-
-    def _job(self, capability: str, args: dict[str, Any] | None, job_id: str | None, timeout: float) -> _Job:
-        deadline = asyncio.get_running_loop().time() + timeout
-        return _Job(self.router, capability, args or {}, job_id or new_job_id(), timeout, deadline)
 
     async def submit(
         self,
@@ -335,7 +288,7 @@ class Verifier:
         deadline), the job is refused (``no_quorum``), so a hung or late peer
         cannot wave a result through.
         """
-        job = self._job(capability, args, job_id, timeout)
+        job = JobRun.start(self.router, capability, args, job_id, timeout)
         candidates = await self.router.candidates(capability, constraints, deterministic=True)
         if not candidates:
             raise NoPeerError(f"no capable peer offers {capability!r} as deterministic and meets the constraints")
@@ -355,9 +308,7 @@ class Verifier:
             budget = attempt_budget(job.left(), timeout, last=not pending, expected=expected)
             answers, took = await self._together(job, seats, budget)
         if not answers:
-            error = job.errors[-1] if job.errors else JobTimeout(f"{capability}: no result in time")
-            error.trace = job.trace
-            raise error
+            raise job.failure()
         for answer in answers:
             votes[result_digest(answer[1])].append(answer)
         # The primary's result, or its checker's if the primary failed.
@@ -387,7 +338,7 @@ class Verifier:
         return self._file(job, settle_votes(votes), votes)
 
     async def _together(
-        self, job: _Job, seats: list[Candidate], budget: float | None = None
+        self, job: JobRun, seats: list[Candidate], budget: float | None = None
     ) -> tuple[list[tuple[Candidate, Outcome]], float]:
         """Run *seats* at once: a job and its check, so that no peer can tell which it is, or a quorum's replicas.
 
@@ -430,7 +381,7 @@ class Verifier:
         return answers, took
 
     def _unchecked(
-        self, job: _Job, primary: Candidate, outcome: Outcome, candidates: list[Candidate], *, required: bool
+        self, job: JobRun, primary: Candidate, outcome: Outcome, candidates: list[Candidate], *, required: bool
     ) -> RoutedOutcome:
         """Nobody checked the result: returned as unverified (said so in the trace), unless that is a loophole."""
         others = {c.peer for c in candidates} - {primary.peer} - job.absent
@@ -447,7 +398,7 @@ class Verifier:
         job.report("success", primary.peer, outcome)
         return RoutedOutcome(outcome, job.trace, [primary.peer])
 
-    def _file(self, job: _Job, verdict: Verdict, votes: Votes) -> RoutedOutcome:
+    def _file(self, job: JobRun, verdict: Verdict, votes: Votes) -> RoutedOutcome:
         """Evidence for all who voted: ``agree`` for the winners, ``wrong`` for the losers (convicted if outweighed)."""
         winners = [o for group in votes.values() for c, o in group if c.peer in verdict.agreeing]
         backers = [c for group in votes.values() for c, _ in group if c.peer in verdict.agreeing]
@@ -490,7 +441,7 @@ class Verifier:
         """
         if not 1 <= quorum <= replicas:
             raise UsageError("quorum must be between 1 and the number of replicas")
-        job = self._job(capability, args, job_id, timeout)
+        job = JobRun.start(self.router, capability, args, job_id, timeout)
         candidates = await self.router.candidates(capability, constraints, deterministic=True)
         if len(candidates) < quorum:
             raise NoPeerError(
