@@ -8,7 +8,8 @@ an interrupted matrix resumes where it stopped, and ``--table-only`` just
 prints the table from the file. The table (Markdown, for the README) holds
 per scenario the means, and the worst run where the target is per run.
 ``--collude`` runs colluding camouflage and long-con cheaters (``meshjobs sim
---collude``); their rows are marked "(colluding)".
+--collude``), ``--role-aware`` cheaters that guess when they are checked
+(``meshjobs sim --role-aware``); their rows are marked so.
 """
 
 from __future__ import annotations
@@ -78,19 +79,33 @@ def _cell(name: str, value: float) -> str:
     return f"{value:.1%}"
 
 
+#: The cheaters' options a row stands for, as the report carries them: (collude, role_aware).
+Variant = tuple[bool, bool]
+VARIANTS: tuple[Variant, ...] = ((False, False), (True, False), (False, True), (True, True))
+
+
+def variant(report: dict[str, Any]) -> Variant:
+    return bool(report.get("collude")), bool(report.get("role_aware"))
+
+
+def _name(scenario: str, of: Variant) -> str:
+    marks = [mark for mark, on in zip(("colluding", "role-aware"), of, strict=True) if on]
+    return f"{scenario} ({', '.join(marks)})" if marks else scenario
+
+
 def markdown(reports: list[dict[str, Any]]) -> str:
-    """The README table: one row per scenario, a mark on every cell that misses its target."""
-    by_scenario: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+    """The README table: one row per scenario and variant, a mark on every cell that misses its target."""
+    by_scenario: dict[tuple[str, Variant], list[dict[str, Any]]] = {}
     for report in reports:
-        by_scenario.setdefault((report["scenario"], bool(report.get("collude"))), []).append(report)
+        by_scenario.setdefault((report["scenario"], variant(report)), []).append(report)
     header = ["scenario", "runs", *(f"{title} [{target}]" for title, _, target in COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for scenario, collude in [(s, c) for s in SCENARIOS for c in (False, True) if (s, c) in by_scenario]:
-        runs = by_scenario[scenario, collude]
+    for scenario, of in [(s, v) for s in SCENARIOS for v in VARIANTS if (s, v) in by_scenario]:
+        runs = by_scenario[scenario, of]
         values = reduce(runs)
         missed = set(passes(scenario, values))
         cells = [f"{_cell(key, values[key])}{' ✗' if key in missed else ''}" for _, key, _ in COLUMNS]
-        name = f"{scenario} (colluding)" if collude else scenario
+        name = _name(scenario, of)
         lines.append("| " + " | ".join([name, str(len(runs)), *cells]) + " |")
     first = reports[0] if reports else {}
     lines.append("")
@@ -118,20 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--pretrusted", type=int, default=3)
     parser.add_argument("--collude", action="store_true", help="colluding cheaters (camouflage and long-con only)")
+    parser.add_argument("--role-aware", action="store_true", help="cheaters that guess when they are checked")
     parser.add_argument("--table-only", action="store_true", help="print the table from --out; run nothing")
     args = parser.parse_args(argv)
     scenarios = (args.scenarios or ",".join(COLLUDING if args.collude else SCENARIOS)).split(",")
     if args.collude and (others := [s for s in scenarios if s not in COLLUDING]):
         parser.error(f"--collude applies to {' and '.join(COLLUDING)}, not {', '.join(others)}")
-    done = {(r["scenario"], r["seed"], bool(r.get("collude"))) for r in load(args.out)}
+    done = {(r["scenario"], r["seed"], variant(r)) for r in load(args.out)}
+    wanted: Variant = (args.collude, args.role_aware)
     for scenario in scenarios:
         for seed in range(1, args.seeds + 1):
-            if args.table_only or (scenario, seed, args.collude) in done:
+            if args.table_only or (scenario, seed, wanted) in done:
                 continue
             command = [
                 sys.executable, "-m", "meshjobs", "sim", "--json", "--scenario", scenario, "--seed", str(seed),
                 "--peers", str(args.peers), "--malicious", str(args.malicious), "--jobs", str(args.jobs),
                 "--pretrusted", str(args.pretrusted), *(["--collude"] if args.collude else []),
+                *(["--role-aware"] if args.role_aware else []),
             ]  # fmt: skip
             print(f"run: {scenario} seed {seed}", file=sys.stderr, flush=True)
             out = subprocess.run(command, capture_output=True, text=True, timeout=1800)

@@ -142,6 +142,27 @@ def test_role_aware_reaches_every_worker_process(tmp_path: Path, home: Path) -> 
     assert all((run["value"] == expected(4, int(run["task"]))) == run["looks_checked"] for run in seen)
 
 
+def test_the_matrix_runs_a_variant_once_and_tables_it_in_a_row_of_its_own(tmp_path: Path, home: Path) -> None:
+    """The README's matrix command, small: one role-aware run, resumed without running it again."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out_file = tmp_path / "runs.jsonl"
+    command = [
+        sys.executable, "-m", "meshjobs.sim.matrix", "--out", str(out_file), "--scenarios", "long-con",
+        "--seeds", "1", "--peers", "8", "--malicious", "0.25", "--jobs", "30", "--pretrusted", "1", "--role-aware",
+    ]  # fmt: skip
+    for attempt in range(2):
+        out = subprocess.run(
+            command, env=cli_env(home, TMPDIR=str(tmp)), cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert ("run: long-con seed 1" in out.stderr) == (attempt == 0)  # the second time, nothing is run again
+        assert "| long-con (role-aware) | 1 |" in out.stdout
+    (report,) = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert report["role_aware"] is True and report["scenario"] == "long-con" and report["peers"] == 8
+    assert leftovers(tmp) == []
+
+
 def test_ctrl_c_stops_every_process_and_removes_the_run(tmp_path: Path, home: Path) -> None:
     tmp = tmp_path / "tmp"
     tmp.mkdir()

@@ -163,12 +163,17 @@ def test_matrix_table_marks_missed_targets() -> None:
         {**base, "scenario": "collective", "seed": 1, "malicious_quarantined": 0},
         {**base, "scenario": "camouflage", "seed": 1, "collude": True, "malicious_quarantined": 10},
         {**base, "scenario": "camouflage", "seed": 1, "collude": False},
+        {**base, "scenario": "long-con", "seed": 1, "role_aware": True, "wrong_rate": 0.02},
+        {**base, "scenario": "long-con", "seed": 1, "role_aware": True, "collude": True},
+        {**base, "scenario": "long-con", "seed": 1},
     ]
     table = markdown(reports)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     assert "2.0% ✗" in rows["always-wrong"] and "| 2 |" in rows["always-wrong"]
     assert "✗" not in rows["collective"]  # catching every colluder is not a target there
     assert "✗" not in rows["camouflage"] and "83.3% ✗" in rows["camouflage (colluding)"]  # a row of their own
+    assert "✗" not in rows["long-con"] and "2.0% ✗" in rows["long-con (role-aware)"]
+    assert "✗" not in rows["long-con (colluding, role-aware)"]
 
 
 def test_matrix_refuses_collusion_where_no_scenario_has_it(capsys: pytest.CaptureFixture[str]) -> None:
