@@ -339,6 +339,13 @@ async def test_a_primary_that_hangs_alone_leaves_time_for_the_next_peer() -> Non
     assert done.trace[0].ms < 3000 and time.monotonic() - started < 4  # a third of the timeout, not all of it
 
 
+async def test_a_job_longer_than_every_share_says_to_raise_the_timeout() -> None:
+    r = router([info(n) for n in "abc"], answers=dict.fromkeys("abc", Slow(5, 2.5)))
+    with pytest.raises(JobTimeout, match="no result within 3 s from 3 peers.*raise --timeout") as caught:
+        await Verifier(r, rng=CheckNothing()).submit("demo.add", {"x": 1}, timeout=3)
+    assert sorted((NAMES[t.peer], t.outcome) for t in caught.value.trace) == [(n, "timeout") for n in "abc"]
+
+
 @pytest.mark.parametrize("verified", [False, True])
 async def test_a_peer_known_for_long_jobs_gets_the_time_they_take(verified: bool) -> None:
     """The share of the timeout grows with what the peer's signed record says its jobs take."""
