@@ -111,8 +111,8 @@ def parse_quorum(text: str) -> tuple[int, int]:
     return n, m
 
 
-#: Trace outcomes in which a peer ran the handler.
-EXECUTED = frozenset({"success", "failure", "timeout"})
+#: Trace outcomes in which a peer ran the handler (a hedge cut when another peer answered first ran it too).
+EXECUTED = frozenset({"success", "failure", "timeout", "cancelled"})
 
 
 @dataclass

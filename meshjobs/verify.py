@@ -17,8 +17,10 @@ independent peer depends on how much of that peer's record is *verified*
 - The check runs beside the primary: both are sent at the same moment with the
   same validity, so no peer can tell whether it is checked or checking (a
   cheater cannot answer honestly only as a checker). A checker that hangs,
-  refuses or fails is replaced; an unproven peer's result that nobody could
-  check is refused unless no other peer is there at all.
+  refuses or fails is replaced; a primary that has not answered within its
+  share of the timeout gets the next peer asked beside it (a hedged
+  request); an unproven peer's result that nobody could check is refused
+  unless no other peer is there at all.
 - Whether to check reads only the signed record's ``verified`` count; who
   checks also counts the agreements this router settled itself (the record
   lags the evidence), so checker duty spreads over the newcomers at once, and
@@ -52,6 +54,7 @@ import logging
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,6 +284,10 @@ class Verifier:
     ) -> RoutedOutcome:
         """Run on a ranked peer (its check, if drawn, beside it), settle disagreements; executions are in the trace.
 
+        A first peer that has not answered within its share of the timeout
+        gets the next one (and its check, if drawn) asked beside it; the
+        first answer counts (see :meth:`_together`).
+
         A result that must be checked (its peer has no verified record yet) is
         returned unchecked only when no other peer could be reached at all;
         when other peers were there but none checked it in time (a checker
@@ -294,25 +301,29 @@ class Verifier:
             raise NoPeerError(f"no capable peer offers {capability!r} as deterministic and meets the constraints")
         pending = list(candidates)
         votes: Votes = defaultdict(list)
-        answers: list[tuple[Candidate, Outcome]] = []
-        checked, took = False, 0.0
-        while pending and job.left() > 0 and not answers:  # the first run, falling back along the ranking
+        drawn: dict[str, bool] = {}  # the first runs' peers, in the order asked: whether a check was drawn
+
+        def first_run() -> list[Candidate]:
+            """The next peer along the ranking, and its checker if one is drawn (by its record alone)."""
+            if not pending:
+                return []
             primary = pending.pop(0)
-            checked = self.rng.random() < check_probability(record_verified(primary))
+            drawn[primary.peer] = self.rng.random() < check_probability(record_verified(primary))
             seats = [primary]
-            if checked and (chosen := pick_checker(primary, pending, self.rng)):
+            if drawn[primary.peer] and (chosen := pick_checker(primary, pending, self.rng)):
                 seats.append(chosen[0])
                 pending.remove(chosen[0])
-            # A primary that hangs alone leaves time for the next, as on the routed path.
-            expected = max(seat.expected for seat in seats)
-            budget = attempt_budget(job.left(), timeout, last=not pending, expected=expected)
-            answers, took = await self._together(job, seats, budget)
+            return seats
+
+        answers, took = await self._together(job, first_run(), hedge=first_run)
         if not answers:
             raise job.failure()
         for answer in answers:
             votes[result_digest(answer[1])].append(answer)
-        # The primary's result, or its checker's if the primary failed.
-        first, outcome = min(answers, key=lambda answer: answer[0].peer != primary.peer)
+        # The earliest asked first peer's result, or a checker's if no first peer answered.
+        order = list(drawn)
+        first, outcome = min(answers, key=lambda a: order.index(a[0].peer) if a[0].peer in drawn else len(order))
+        checked = len(answers) > 1 or drawn.get(first.peer, True)
         if not checked:
             job.report("success", first.peer, outcome)
             return RoutedOutcome(outcome, job.trace, [first.peer])
@@ -338,46 +349,97 @@ class Verifier:
         return self._file(job, settle_votes(votes), votes)
 
     async def _together(
-        self, job: JobRun, seats: list[Candidate], budget: float | None = None
+        self,
+        job: JobRun,
+        seats: list[Candidate],
+        budget: float | None = None,
+        hedge: Callable[[], list[Candidate]] | None = None,
     ) -> tuple[list[tuple[Candidate, Outcome]], float]:
         """Run *seats* at once: a job and its check, so that no peer can tell which it is, or a quorum's replicas.
 
         All are sent at the same moment, in random order, with the same
         validity: a cheater cannot answer honestly only when it is checking.
-        Once one has answered (after *d* seconds), the others have until twice
-        that and a second, or a third of the timeout, whichever is longer; then
-        they count as timed out.
+        Once one has answered (after *d* seconds), the others sent with it
+        have until twice that and a second, or a third of the timeout,
+        whichever is longer; then they count as timed out.
+
+        With *hedge* (the next seats, or none), seats that have not answered
+        within their share of the timeout (:func:`attempt_budget`) get the
+        next ones beside them instead of being cut (the tail at scale's hedged
+        request): a peer that hangs cannot hold the job, and a long job still
+        finishes where it runs. The first answer decides which seats count;
+        the others are cut, and only those that had their share are timed out.
         Returns the answers and how long the first took.
         """
-        started, total = time.perf_counter(), job.left()
-        seats = list(seats)
-        self.rng.shuffle(seats)  # sent one after the other: which goes first must say nothing about who checks
-        tasks = {asyncio.ensure_future(job.run(c, budget)): c for c in seats}
+        tasks: dict[asyncio.Future[tuple[Candidate, Outcome] | None], tuple[Candidate, int]] = {}
+        starts: list[float] = []  # per group of seats: when it was sent
+        due: list[float] = []  # per group: when its share ends
+        waiting: set[asyncio.Future[tuple[Candidate, Outcome] | None]] = set()
+
+        def send(group: list[Candidate]) -> None:
+            now = time.perf_counter()
+            group = list(group)
+            self.rng.shuffle(group)  # sent one after the other: which goes first must say nothing about who checks
+            for c in group:
+                task = asyncio.ensure_future(job.run(c, budget))
+                tasks[task] = (c, len(starts))
+                waiting.add(task)
+            share = attempt_budget(job.left(), job.timeout, last=False, expected=max(c.expected for c in group))
+            starts.append(now)
+            due.append(now + share)
+
+        send(seats)
         answers: list[tuple[Candidate, Outcome]] = []
-        waiting = set(tasks)
         until: float | None = None  # when the grace after the first answer ends
-        took = 0.0
+        took, answered = 0.0, -1
         try:
-            while waiting:
-                left = job.left() if until is None else until - time.perf_counter()
-                if left <= 0:
+            while True:
+                now = time.perf_counter()
+                if hedge is not None and until is None and (not waiting or now >= due[-1]) and job.left() > 0:
+                    if more := hedge():
+                        send(more)
+                        continue
+                    hedge = None
+                if not waiting:
                     break
-                done, waiting = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                wait = job.left()
+                if until is not None:
+                    wait = min(wait, until - now)
+                elif hedge is not None:
+                    wait = min(wait, due[-1] - now)
+                if wait <= 0 and (until is not None or job.left() <= 0):
+                    break
+                done, still = await asyncio.wait(waiting, timeout=max(wait, 0), return_when=asyncio.FIRST_COMPLETED)
+                waiting.clear()
+                waiting.update(still)
                 for task in done:
                     if (ran := task.result()) is not None:
                         answers.append(ran)
                 if answers and until is None:
-                    took = time.perf_counter() - started
-                    until = started + attempt_budget(total, job.timeout, last=False, expected=took)
+                    answered = tasks[next(t for t in done if t.result() is not None)][1]
+                    took = time.perf_counter() - starts[answered]
+                    share = attempt_budget(job.left() + took, job.timeout, last=False, expected=took)
+                    until = starts[answered] + share
+                    # Seats of other groups were hedged against or hedges: the answer makes them moot.
+                    moot = {t for t in waiting if tasks[t][1] != answered}
+                    for task in moot:
+                        task.cancel()
+                    waiting -= moot
         finally:
             for task in waiting:
                 task.cancel()
-            await asyncio.gather(*waiting, return_exceptions=True)
-        for task in waiting:
-            late = tasks[task]
-            detail = "no answer in time, when the peer it ran beside had answered long before"
-            job.trace.append(Attempt(late.peer, "timeout", detail, (time.perf_counter() - started) * 1000))
-            job.report("timeout", late.peer, None, detail=detail)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        now = time.perf_counter()
+        for task, (late, group) in tasks.items():
+            if not task.cancelled():
+                continue
+            ms = (now - starts[group]) * 1000
+            if group == answered or now >= due[group]:
+                detail = "no answer in time, when the peer it ran beside had answered long before"
+                job.trace.append(Attempt(late.peer, "timeout", detail, ms))
+                job.report("timeout", late.peer, None, detail=detail)
+            else:  # a hedge cut before its share was up: no fault of its own
+                job.trace.append(Attempt(late.peer, "cancelled", "another peer answered first", ms))
         return answers, took
 
     def _unchecked(
