@@ -28,7 +28,10 @@ do about it; every other refusal is one line naming the path, raised as the
 caller's :class:`~meshjobs.errors.MeshError` class.
 
 Files we write (credentials, topology, compose files, attestations) are
-written whole or not at all: :func:`write_replacing`.
+written whole or not at all: :func:`write_replacing`. TOML files that a model
+describes (topology, persona and human capability files) are parsed by one
+function, :func:`parse_toml`, whose errors name the file and the first field
+at fault, never its value.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ import os
 import pwd
 import secrets
 import stat
+import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from meshjobs.errors import MeshError
 
@@ -183,3 +189,43 @@ def write_replacing(path: Path, data: str | bytes, mode: int = 0o666) -> None:
 def write_private(path: Path, data: str | bytes) -> None:
     """:func:`write_replacing` for secrets and private settings: mode 0600 from the first byte."""
     write_replacing(path, data, 0o600)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_toml(text: str, model: type[M], source: str, error: type[MeshError]) -> M:
+    """*text* read as TOML and validated by *model*; an *error* naming *source* and the first problem if not."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise error(f"{source}: {describe_errors(exc)}") from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """The first problem as ``field.path: what is wrong``, plus how many more; never the offending value."""
+    errors = exc.errors(include_input=False, include_url=False)
+    # A failed item also fails its container's length check: report the item.
+    deepest = [
+        e
+        for e in errors
+        if not any(len(o["loc"]) > len(e["loc"]) and o["loc"][: len(e["loc"])] == e["loc"] for o in errors)
+    ]
+    errors = deepest or errors
+    first = errors[0]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        message = "unknown field"
+    elif kind == "missing":
+        message = "missing"
+    elif kind == "value_error":
+        message = str(first.get("ctx", {}).get("error", first["msg"]))
+    else:
+        message = first["msg"]
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"{where}: {message}{more}" if where else f"{message}{more}"

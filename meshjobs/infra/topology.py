@@ -11,13 +11,12 @@ port 4222 is used twice``.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from meshjobs._files import read_local_text
+from meshjobs._files import parse_toml, read_local_text
 from meshjobs.errors import UsageError
 from meshjobs.identity import is_public_key
 
@@ -230,24 +229,8 @@ class Topology(_Model):
         return Topology.model_validate(data)
 
 
-def _describe(exc: ValidationError, path: Path) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "file"
-    message = str(first["msg"]).removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    return f"{path}: {where}: {message}"
-
-
 def parse_topology(text: str, path: Path) -> Topology:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path}: not valid TOML: {exc}") from None
-    try:
-        return Topology.model_validate(data)
-    except ValidationError as exc:
-        raise UsageError(_describe(exc, path)) from None
+    return parse_toml(text, Topology, str(path), UsageError)
 
 
 def load_topology(path: Path) -> Topology:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,13 +31,13 @@ from typing import Annotated, Any, Literal, Protocol, get_type_hints
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import to_jsonable_python
 
-from meshjobs._files import read_local_text
+from meshjobs._files import parse_toml, read_local_text
 from meshjobs.durable import JobState
 from meshjobs.envelope import loads_strict, now_ms
 from meshjobs.errors import HandlerError, InvalidArguments, UsageError
 from meshjobs.runtime.app import App, Capability, JobContext, PeerKind
 
-from .persona import CapabilitySpec, describe_errors, render_prompt
+from .persona import CapabilitySpec, render_prompt
 from .schema import first_problem
 
 HUMAN_FILE_VERSION = 1
@@ -193,14 +192,7 @@ def load_human_file(path: str | Path) -> HumanFile:
 
 
 def parse_human_file(text: str, source: str = "<human file>") -> HumanFile:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise HumanFileError(f"{source}: not valid TOML: {exc}") from None
-    try:
-        return HumanFile.model_validate(raw)
-    except ValidationError as exc:
-        raise HumanFileError(f"{source}: {describe_errors(exc)}") from None
+    return parse_toml(text, HumanFile, source, HumanFileError)
 
 
 # -- the inbox ------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import hashlib
 import json
 import re
 import string
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -37,7 +36,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meshjobs import App
-from meshjobs._files import read_local_text
+from meshjobs._files import describe_errors, parse_toml, read_local_text
 from meshjobs.envelope import loads_strict
 from meshjobs.errors import HandlerError, UsageError
 
@@ -234,14 +233,7 @@ def load_persona(path: str | Path) -> Persona:
 
 def parse_persona(text: str, source: str = "<persona>") -> Persona:
     """Parse persona TOML. *source* names it in errors."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise PersonaError(f"{source}: not valid TOML: {exc}") from None
-    try:
-        return Persona.model_validate(raw)
-    except ValidationError as exc:
-        raise PersonaError(f"{source}: {describe_errors(exc)}") from None
+    return parse_toml(text, Persona, source, PersonaError)
 
 
 def with_endpoint(persona: Persona, source: str = "<persona>", **changes: Any) -> Persona:
@@ -255,31 +247,6 @@ def with_endpoint(persona: Persona, source: str = "<persona>", **changes: Any) -
         return Persona.model_validate(raw)
     except ValidationError as exc:
         raise PersonaError(f"{source}: {describe_errors(exc)}") from None
-
-
-def describe_errors(exc: ValidationError) -> str:
-    """The first problem as ``field.path: what is wrong``, plus how many more; never the offending value."""
-    errors = exc.errors(include_input=False, include_url=False)
-    # A failed item also fails its container's length check: report the item.
-    deepest = [
-        e
-        for e in errors
-        if not any(len(o["loc"]) > len(e["loc"]) and o["loc"][: len(e["loc"])] == e["loc"] for o in errors)
-    ]
-    errors = deepest or errors
-    first = errors[0]
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
-    kind = first["type"]
-    if kind == "extra_forbidden":
-        message = "unknown field"
-    elif kind == "missing":
-        message = "missing"
-    elif kind == "value_error":
-        message = str(first.get("ctx", {}).get("error", first["msg"]))
-    else:
-        message = first["msg"]
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"{where}: {message}{more}" if where else f"{message}{more}"
 
 
 # -- prompts and outputs ----------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -66,15 +67,15 @@ def test_rendered_configs_are_valid(tmp_path: Path) -> None:
         (("client_port = 4302", "client_port = 4301"), "port 4301 is already used"),
         (('region = "eu"\nclient_port', 'region = "mars"\nclient_port'), "no region named 'mars'"),
         (("state_replicas = 3", "state_replicas = 4"), "mesh.state_replicas"),
-        (('sync_interval = "2m"', 'sync_interval = "sometimes"'), "region.1.sync_interval"),
-        (('name = "lab"', 'name = "Lab!"'), "community.0.name"),
-        (("[mesh]", "[mesh]\ncolour = 'blue'"), "mesh.colour: unknown key"),
+        (('sync_interval = "2m"', 'sync_interval = "sometimes"'), "region[1].sync_interval"),
+        (('name = "lab"', 'name = "Lab!"'), "community[0].name"),
+        (("[mesh]", "[mesh]\ncolour = 'blue'"), "mesh.colour: unknown field"),
     ],
 )
 def test_topology_errors_name_the_key(change: tuple[str, str], message: str) -> None:
     text = EXAMPLE.read_text()
     assert change[0] in text
-    with pytest.raises(UsageError, match=message.replace(".", r"\.")):
+    with pytest.raises(UsageError, match=re.escape(message)):
         parse_topology(text.replace(change[0], change[1], 1), Path("t.toml"))
 
 
