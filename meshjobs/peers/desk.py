@@ -89,6 +89,7 @@ from meshjobs.envelope import (
 from meshjobs.errors import MeshError, Rejected
 from meshjobs.identity import Identity, is_public_key
 from meshjobs.runtime.app import Capability
+from meshjobs.runtime.durable_runner import keep_in_progress, quietly
 from meshjobs.runtime.execute import execute, seal
 from meshjobs.state import DOMAIN, Entry, watch_bucket
 from meshjobs.subjects import capability_problem
@@ -408,16 +409,16 @@ class Desk:
         attempt = msg.metadata.num_delivered
         state = JobState(job_id, "running", cap.name, envelope.submitter, request_digest, self.identity.public_key)
         state.attempts, state.detail = attempt, f"claimed by {self.name}"
-        keepalive = asyncio.create_task(_in_progress(msg))
+        keepalive = asyncio.create_task(keep_in_progress(msg, ACK_WAIT_S))
         try:
             await self.durable.put_state(state, self.identity)
             execution = await execute(cap, envelope, self.identity.public_key)
         except asyncio.CancelledError:
-            await _quietly(msg.nak())
+            await quietly(msg.nak())
             raise
         except (MeshError, nats.errors.Error, TimeoutError) as exc:
             log.warning("handing job %s back after a JetStream error: %s", job_id, exc)
-            await _quietly(msg.nak(delay=1.0))
+            await quietly(msg.nak(delay=1.0))
             return
         finally:
             keepalive.cancel()
@@ -438,7 +439,7 @@ class Desk:
             await msg.ack()
         except (MeshError, nats.errors.Error, TimeoutError) as exc:
             log.warning("could not store job %s's result (it will be delivered again): %s", job_id, exc)
-            await _quietly(msg.nak(delay=1.0))
+            await quietly(msg.nak(delay=1.0))
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
@@ -450,19 +451,6 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
-
-
-async def _in_progress(msg: Msg) -> None:
-    while True:
-        await asyncio.sleep(ACK_WAIT_S / 3)
-        await _quietly(msg.in_progress())
-
-
-async def _quietly(action: object) -> None:
-    try:
-        await action  # type: ignore[misc]
-    except (nats.errors.Error, nats.js.errors.Error) as exc:
-        log.debug("ack failed: %s", exc)
 
 
 class Scores:

@@ -161,7 +161,7 @@ class DurableRunner:
             # Mesh state unreachable for a moment (a leader election, a lost
             # node): hand the job back to be delivered again shortly.
             log.warning("handing a durable job back after a JetStream error: %s", exc)
-            await _quietly(msg.nak(delay=1.0))
+            await quietly(msg.nak(delay=1.0))
 
     async def _handle_job(self, cap: Capability, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered
@@ -203,7 +203,7 @@ class DurableRunner:
             return
         state = JobState(job_id, "running", cap.name, envelope.submitter, request_digest, self.peer, attempt)
         await self.durable.put_state(state, self.identity)
-        keepalive = asyncio.create_task(self._in_progress(msg))
+        keepalive = asyncio.create_task(keep_in_progress(msg))
         self.observer.job_started(cap.name, "durable")
         started = asyncio.get_running_loop().time()
         try:
@@ -213,7 +213,7 @@ class DurableRunner:
         except asyncio.CancelledError:
             self.observer.job_finished(cap.name, "durable", "rejected", 0.0, "shutting_down")
             keepalive.cancel()
-            await _quietly(msg.nak())  # shutting down: hand it back at once
+            await quietly(msg.nak())  # shutting down: hand it back at once
             raise
         finally:
             keepalive.cancel()
@@ -252,13 +252,16 @@ class DurableRunner:
         self.observer.dead_lettered(cap.name)
         log.warning("job %s moved to the dead-letter queue: %s", job_id, reason)
 
-    async def _in_progress(self, msg: Msg) -> None:
-        while True:
-            await asyncio.sleep(ACK_WAIT / 3)
-            await _quietly(msg.in_progress())
+
+async def keep_in_progress(msg: Msg, ack_wait: float = ACK_WAIT) -> None:
+    """Tell JetStream the job is still being worked on, three times per *ack_wait*, until cancelled."""
+    while True:
+        await asyncio.sleep(ack_wait / 3)
+        await quietly(msg.in_progress())
 
 
-async def _quietly(action: object) -> None:
+async def quietly(action: object) -> None:
+    """Await an ack, nak or in-progress; a broker that cannot take it is logged, not raised (redelivery covers it)."""
     try:
         await action  # type: ignore[misc]
     except (nats.errors.Error, nats.js.errors.Error) as exc:
