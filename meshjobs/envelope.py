@@ -93,7 +93,15 @@ class Wire(BaseModel):
 W = TypeVar("W", bound=Wire)
 
 
-def _check_key(value: str) -> str:
+def valid_capability(value: str) -> str:
+    """A field validator: *value* is a capability name (:func:`~meshjobs.subjects.capability_problem`)."""
+    if problem := capability_problem(value):
+        raise ValueError(problem)
+    return value
+
+
+def valid_key(value: str) -> str:
+    """A field validator: *value* is a user public key (Ed25519, NATS nkey form)."""
     if not is_public_key(value):
         raise ValueError("not a valid user public key")
     return value
@@ -116,15 +124,9 @@ class Envelope(Wire):
     answers a live envelope only there, so a captured envelope replayed with
     another reply subject gets nothing back. None: durable jobs, no answer."""
 
-    _key = field_validator("submitter")(_check_key)
+    _key = field_validator("submitter")(valid_key)
 
-    @field_validator("capability")
-    @classmethod
-    def _capability(cls, value: str) -> str:
-        problem = capability_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
+    _capability = field_validator("capability")(valid_capability)
 
 
 class ErrorInfo(Wire):
@@ -156,7 +158,7 @@ class Result(Wire):
     provenance: Provenance | None = None
     """Absent (not null) on the wire when there is none, so such results keep their old bytes."""
 
-    _key = field_validator("worker")(_check_key)
+    _key = field_validator("worker")(valid_key)
 
 
 def now_ms() -> int:

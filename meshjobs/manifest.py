@@ -35,6 +35,7 @@ from meshjobs.envelope import (
     now_ms,
     open_statement,
     seal_statement,
+    valid_key,
 )
 from meshjobs.errors import Reason, Rejected, UsageError
 from meshjobs.identity import Identity, is_public_key
@@ -47,12 +48,6 @@ ATTESTABLE = ("kind", "region", "community")
 MANIFEST_MAX_AGE_MS = 10 * 60 * 1000
 MAX_ATTESTATIONS = 8
 MAX_ATTESTATION_BYTES = 4096
-
-
-def _key(value: str) -> str:
-    if not is_public_key(value):
-        raise ValueError("not a valid user public key")
-    return value
 
 
 class Offer(Wire):
@@ -82,7 +77,7 @@ class Manifest(Wire):
     attestations: list[str] = Field(default_factory=list, max_length=MAX_ATTESTATIONS)
     """Operators' ``MJ1S`` frames about this peer, as text."""
 
-    _peer = field_validator("peer")(_key)
+    _peer = field_validator("peer")(valid_key)
 
     @field_validator("region", "community")
     @classmethod
@@ -102,7 +97,7 @@ class Attestation(Wire):
     issued_at: int = Field(ge=0)
     expires_at: int | None = Field(default=None, ge=0)
 
-    _keys = field_validator("operator", "peer")(_key)
+    _keys = field_validator("operator", "peer")(valid_key)
 
     @field_validator("region", "community")
     @classmethod

@@ -85,14 +85,15 @@ from meshjobs.envelope import (
     now_ms,
     open_statement,
     seal_statement,
+    valid_capability,
+    valid_key,
 )
 from meshjobs.errors import MeshError, Rejected
-from meshjobs.identity import Identity, is_public_key
+from meshjobs.identity import Identity
 from meshjobs.runtime.app import Capability
 from meshjobs.runtime.durable_runner import keep_in_progress, quietly
 from meshjobs.runtime.execute import execute, seal
 from meshjobs.state import DOMAIN, Entry, watch_bucket
-from meshjobs.subjects import capability_problem
 
 from .human import HumanPeer, Job
 
@@ -133,20 +134,8 @@ class Holding(Wire):
     jobs: list[Annotated[str, Field(pattern=JOB_ID_PATTERN)]] = Field(max_length=MAX_HOLDING_JOBS)
     issued_at: int = Field(ge=0)
 
-    @field_validator("person")
-    @classmethod
-    def _key(cls, value: str) -> str:
-        if not is_public_key(value):
-            raise ValueError("not a valid user public key")
-        return value
-
-    @field_validator("capability")
-    @classmethod
-    def _capability(cls, value: str) -> str:
-        problem = capability_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
+    _key = field_validator("person")(valid_key)
+    _capability = field_validator("capability")(valid_capability)
 
 
 def seal_holding(person: Identity, holding: Holding) -> bytes:

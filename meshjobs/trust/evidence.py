@@ -51,9 +51,9 @@ from meshjobs.envelope import (
     now_ms,
     open_envelope,
     open_result,
+    valid_key,
 )
 from meshjobs.errors import Rejected
-from meshjobs.identity import is_public_key
 
 Kind = Literal["success", "agree", "wrong", "failure", "timeout", "rejected", "disputed"]
 KINDS: tuple[Kind, ...] = ("success", "agree", "wrong", "failure", "timeout", "rejected", "disputed")
@@ -82,12 +82,6 @@ WINDOW_MS = 30 * 60 * 1000
 SKEW_MS = 60 * 1000
 
 
-def _key(value: str) -> str:
-    if not is_public_key(value):
-        raise ValueError("not a valid user public key")
-    return value
-
-
 class ProofItem(Wire):
     """Another worker's signed result for the same job, and the signed request it answers."""
 
@@ -112,7 +106,7 @@ class Evidence(Wire):
     result: str | None = Field(None, max_length=MAX_FRAME_TEXT)
     proof: list[ProofItem] = Field(default_factory=list, max_length=MAX_PROOF)
 
-    _keys = field_validator("peer", "submitter")(_key)
+    _keys = field_validator("peer", "submitter")(valid_key)
 
 
 def evidence_id(kind: str, peer: str, job_id: str, submitter: str) -> str:

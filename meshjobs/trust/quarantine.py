@@ -52,7 +52,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
 from pydantic import Field, field_validator
 
-from meshjobs.envelope import QUARANTINE_MAGIC, Wire, now_ms, open_statement, seal_statement
+from meshjobs.envelope import QUARANTINE_MAGIC, Wire, now_ms, open_statement, seal_statement, valid_key
 from meshjobs.errors import KeyExists, Rejected, UsageError
 from meshjobs.identity import Identity, is_public_key
 from meshjobs.state import DOMAIN, BucketSpec, MeshKV, Replay, StateSpec, open_bucket, replay, retrying
@@ -81,12 +81,6 @@ SPEC = OrderBucketSpec(BUCKET, history=16)
 STATE: tuple[StateSpec, ...] = (SPEC,)
 
 
-def _public_key(value: str) -> str:
-    if not is_public_key(value):
-        raise ValueError("not a valid user public key")
-    return value
-
-
 class Order(Wire):
     """An operator's signed decision about one peer; ``seq`` orders the decisions about that peer."""
 
@@ -98,7 +92,7 @@ class Order(Wire):
     operator: str
     at_ms: int = Field(ge=0)
 
-    _keys = field_validator("peer", "operator")(_public_key)
+    _keys = field_validator("peer", "operator")(valid_key)
 
 
 def supersedes(new: Order, old: Order) -> bool:

@@ -61,6 +61,7 @@ from meshjobs.envelope import (
     open_result,
     open_statement,
     seal_statement,
+    valid_key,
 )
 from meshjobs.errors import Reason, Rejected, UsageError
 from meshjobs.identity import Identity, is_public_key
@@ -119,12 +120,6 @@ def as_approval(approval: Approval | bool | None, approvers: Sequence[str] = ())
     return approval
 
 
-def _key(value: str) -> str:
-    if not is_public_key(value):
-        raise ValueError("not a valid user public key")
-    return value
-
-
 class Decision(Wire):
     """An approver's signed decision on one job (stage ``run``) or one result (stage ``result``)."""
 
@@ -137,7 +132,7 @@ class Decision(Wire):
     approver: str
     at_ms: int = Field(ge=0)
 
-    _approver = field_validator("approver")(_key)
+    _approver = field_validator("approver")(valid_key)
 
 
 class Request(BaseModel):
@@ -166,7 +161,7 @@ class Request(BaseModel):
     decided_by: str | None = None
     reason: str = Field(default="", max_length=MAX_REASON)
 
-    _keys = field_validator("submitter", "waiting")(_key)
+    _keys = field_validator("submitter", "waiting")(valid_key)
 
     def expected_subject(self) -> str:
         """The subject recomputed from what this record shows (never its own claim)."""
