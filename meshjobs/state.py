@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -42,6 +43,8 @@ from nats.js.kv import KeyValue
 
 from meshjobs._nats import denied
 from meshjobs.errors import ConnectError, KeyExists, Reason, Rejected, UsageError
+
+log = logging.getLogger("meshjobs.state")
 
 DOMAIN = "hub"
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -434,6 +437,9 @@ async def open_bucket(
     return await retrying(lookup, timeout=timeout, what=f"opening bucket {spec.name}", first_delay=0.1)
 
 
+#: How long a broken watch waits before it is opened again.
+REWATCH_S = 0.5
+
 #: How long a replay waits, once nats-py says it is caught up, for revisions it has not handed over yet.
 REPLAY_GRACE = 2.0
 
@@ -506,25 +512,49 @@ async def replay(
     return Replay(await kv.watch(key, include_history=history), target)
 
 
+async def follow(
+    open_watch: Callable[[], Awaitable[Any]],
+    on_update: Callable[[Any], Awaitable[None] | None],
+    *,
+    what: str,
+    errors: tuple[type[BaseException], ...] = (TimeoutError, nats.errors.Error),
+) -> None:
+    """Feed each update of the watch *open_watch* opens (``None``: caught up) to *on_update*, until cancelled.
+
+    A watch that breaks (*errors*; a leader change, a lost connection) or ends
+    is stopped, logged at debug level as *what*, and opened again after
+    :data:`REWATCH_S`; stopping it is bounded, so a closing connection cannot
+    hold the loop.
+    """
+    while True:
+        watcher = None
+        try:
+            watcher = await open_watch()
+            async for update in watcher:
+                if (handled := on_update(update)) is not None:
+                    await handled
+        except errors as exc:
+            log.debug("%s watch broke (%s); restarting", what, exc)
+        finally:
+            if watcher is not None:
+                try:
+                    await asyncio.wait_for(watcher.stop(), REWATCH_S * 10)
+                except (nats.errors.Error, TimeoutError):
+                    pass  # the connection is closing: nothing left to stop
+        await asyncio.sleep(REWATCH_S)
+
+
 async def watch_bucket(kv: MeshKV, on_entry: Callable[[Entry], None], ready: asyncio.Event) -> None:
     """Feed every current and future entry of *kv* to *on_entry*; set *ready* once caught up.
 
     Runs until cancelled. A broken watch (for example across a leader change)
     is restarted.
     """
-    while True:
-        watcher = await kv.watchall()
-        try:
-            async for update in watcher:
-                if update is None:  # marks the end of the current values
-                    ready.set()
-                    continue
-                on_entry(Entry(update.key, update.value or b"", int(update.revision or 0)))
+
+    def on_update(update: Any) -> None:
+        if update is None:  # marks the end of the current values
             ready.set()
-        except (TimeoutError, nats.errors.Error):
-            await asyncio.sleep(0.5)
-        finally:
-            try:
-                await watcher.stop()
-            except nats.errors.Error:
-                pass  # the connection is closing: nothing left to stop
+        else:
+            on_entry(Entry(update.key, update.value or b"", int(update.revision or 0)))
+
+    await follow(kv.watchall, on_update, what=f"bucket {kv.bucket}")

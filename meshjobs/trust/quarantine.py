@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -55,7 +55,7 @@ from pydantic import Field, field_validator
 from meshjobs.envelope import QUARANTINE_MAGIC, Wire, now_ms, open_statement, seal_statement, valid_key
 from meshjobs.errors import KeyExists, Rejected, UsageError
 from meshjobs.identity import Identity, is_public_key
-from meshjobs.state import DOMAIN, BucketSpec, MeshKV, Replay, StateSpec, open_bucket, replay, retrying
+from meshjobs.state import DOMAIN, BucketSpec, MeshKV, Replay, StateSpec, follow, open_bucket, replay, retrying
 
 BUCKET = "quarantine"
 ORDER_VERSION: Literal[1] = 1
@@ -210,24 +210,14 @@ async def _watch(nc: NATS, keys: str) -> Replay:
 
 async def _follow(nc: NATS, board: QuarantineBoard) -> None:
     """Feed every revision the bucket keeps, then every new one, to *board*; restart a broken watch."""
-    while True:
-        watcher = None
-        try:
-            watcher = await _watch(nc, ">")
-            async for update in watcher:
-                if update is None:  # caught up with the history
-                    board.ready.set()
-                    continue
-                board.apply(update.key, update.value or b"", update.operation)
-        except (TimeoutError, nats.errors.Error) as exc:
-            log.debug("quarantine watch broke (%s); restarting", exc)
-        finally:
-            if watcher is not None:
-                try:
-                    await watcher.stop()
-                except nats.errors.Error:
-                    pass  # the connection is closing: nothing left to stop
-        await asyncio.sleep(0.5)
+
+    def on_update(update: Any) -> None:
+        if update is None:  # caught up with the history
+            board.ready.set()
+        else:
+            board.apply(update.key, update.value or b"", update.operation)
+
+    await follow(lambda: _watch(nc, ">"), on_update, what="quarantine")
 
 
 async def read_history(nc: NATS, peer: str, board: QuarantineBoard) -> int:

@@ -35,6 +35,7 @@ from meshjobs.state import (
     MeshKV,
     StateSpec,
     StreamSpec,
+    follow,
     open_bucket,
     provision,
     read_subject,
@@ -147,26 +148,17 @@ class ReputationBook:
 
     async def _follow(self, cache: dict[str, Record], ready: asyncio.Event) -> None:
         """Every kept revision, then every new one: the highest accepted seq per peer wins."""
-        while True:
-            watcher: Any = None
-            try:
-                watcher = await replay(self.nc.jetstream(domain=DOMAIN, timeout=2.0), BUCKET)
-                async for update in watcher:
-                    if update is None:
-                        ready.set()
-                        continue
-                    record = self.filter.open(update.key, update.value or b"")
-                    if record is not None and self.filter.newer(record, cache.get(update.key)):
-                        cache[update.key] = record
-            except (TimeoutError, nats.errors.Error) as exc:
-                log.debug("reputation watch broke (%s); restarting", exc)
-            finally:
-                if watcher is not None:
-                    try:
-                        await watcher.stop()
-                    except nats.errors.Error:
-                        pass  # the connection is closing
-            await asyncio.sleep(0.5)
+
+        def on_update(update: Any) -> None:
+            if update is None:
+                ready.set()
+                return
+            record = self.filter.open(update.key, update.value or b"")
+            if record is not None and self.filter.newer(record, cache.get(update.key)):
+                cache[update.key] = record
+
+        js = self.nc.jetstream(domain=DOMAIN, timeout=2.0)
+        await follow(lambda: replay(js, BUCKET), on_update, what="reputation")
 
     async def close(self) -> None:
         if self._watch is not None:

@@ -52,7 +52,7 @@ from meshjobs.envelope import EVIDENCE_MAGIC, TRUST_MAGIC, now_ms, open_statemen
 from meshjobs.errors import KeyExists, MeshError, Rejected
 from meshjobs.identity import Identity, is_public_key
 from meshjobs.observe import metrics
-from meshjobs.state import DOMAIN, MeshKV, open_bucket, provision, replay
+from meshjobs.state import DOMAIN, MeshKV, follow, open_bucket, provision, replay
 from meshjobs.trust.evidence import SKEW_MS, WINDOW_MS, Evidence, Standing, Verdict, assess
 from meshjobs.trust.policy import TrustPolicy
 from meshjobs.trust.quarantine import QuarantineBoard
@@ -384,33 +384,25 @@ class TrustService:
     async def _guard(self) -> None:
         """Write its record again wherever a revision it did not write becomes the latest."""
         mine = state_key(self.key)
-        while True:
-            watcher: Any = None
-            try:
-                kv = await self.js.key_value(BUCKET)
-                watcher = await kv.watchall()
-                async for update in watcher:
-                    if update is None or (update.key not in self.records and update.key != mine):
-                        continue
-                    revision = int(update.revision or 0)
-                    if revision > self._revisions.get(update.key, 0) and self._foreign(update.key, update.value or b""):
-                        async with self._lock:
-                            self._revisions[update.key] = max(self._revisions.get(update.key, 0), revision)
-                            if update.key in self.records:
-                                self._dirty.add(update.key)
-                            else:
-                                self._saved = -1
-                            self.stats["repaired"] += 1
-                            await self._flush()
-            except (TimeoutError, nats.errors.Error, MeshError) as exc:
-                log.debug("reputation guard broke (%s); restarting", exc)
-            finally:
-                if watcher is not None:
-                    try:
-                        await asyncio.wait_for(watcher.stop(), CLEANUP_S)
-                    except (nats.errors.Error, TimeoutError):
-                        pass  # the connection is closing
-            await asyncio.sleep(0.5)
+
+        async def watch() -> Any:
+            return await (await self.js.key_value(BUCKET)).watchall()
+
+        async def on_update(update: Any) -> None:
+            if update is None or (update.key not in self.records and update.key != mine):
+                return
+            revision = int(update.revision or 0)
+            if revision > self._revisions.get(update.key, 0) and self._foreign(update.key, update.value or b""):
+                async with self._lock:
+                    self._revisions[update.key] = max(self._revisions.get(update.key, 0), revision)
+                    if update.key in self.records:
+                        self._dirty.add(update.key)
+                    else:
+                        self._saved = -1
+                    self.stats["repaired"] += 1
+                    await self._flush()
+
+        await follow(watch, on_update, what="reputation guard", errors=(TimeoutError, nats.errors.Error, MeshError))
 
     def _foreign(self, key: str, value: bytes) -> bool:
         """Whether the latest revision of *key* must be replaced by what this service holds.
