@@ -375,6 +375,7 @@ class Verifier:
         starts: list[float] = []  # per group of seats: when it was sent
         due: list[float] = []  # per group: when its share ends
         waiting: set[asyncio.Future[tuple[Candidate, Outcome] | None]] = set()
+        cut: dict[asyncio.Future[tuple[Candidate, Outcome] | None], float] = {}  # when each seat cut was cut
 
         def send(group: list[Candidate]) -> None:
             now = time.perf_counter()
@@ -424,17 +425,18 @@ class Verifier:
                     moot = {t for t in waiting if tasks[t][1] != answered}
                     for task in moot:
                         task.cancel()
+                        cut[task] = time.perf_counter()
                     waiting -= moot
         finally:
             for task in waiting:
                 task.cancel()
+                cut[task] = time.perf_counter()
             await asyncio.gather(*tasks, return_exceptions=True)
-        now = time.perf_counter()
         for task, (late, group) in tasks.items():
             if not task.cancelled():
                 continue
-            ms = (now - starts[group]) * 1000
-            if group == answered or now >= due[group]:
+            ms = (cut[task] - starts[group]) * 1000
+            if group == answered or cut[task] >= due[group]:
                 detail = "no answer in time, when the peer it ran beside had answered long before"
                 job.trace.append(Attempt(late.peer, "timeout", detail, ms))
                 job.report("timeout", late.peer, None, detail=detail)

@@ -353,6 +353,18 @@ async def test_a_long_job_finishes_where_it_runs_while_the_next_peer_is_asked_be
     assert evidence(r) == [("a", "success")]  # b was cut after 0.3 s of its 1 s share: no timeout against it
 
 
+async def test_hedges_cut_early_are_not_at_fault_even_when_the_check_takes_longer() -> None:
+    """a answers at 1.3 s, its checker at 2.5 s; the hedge and its checker, asked at 1 s, are cut at 1.3 s."""
+    proven = [Record(peer=PEERS[n], verified=10) for n in "abcd"]
+    slow = {"a": Slow(5, 1.3), **dict.fromkeys("bcd", Slow(5, 2.5))}
+    r = router([info(n) for n in "abcd"], proven, slow)
+    done = await Verifier(r, rng=CheckEverything()).submit("demo.add", {"x": 1}, timeout=3)
+    assert done.outcome.value == 5 and PEERS["a"] in done.agreeing and len(done.agreeing) == 2
+    assert sorted(t.outcome for t in done.trace) == ["cancelled", "cancelled", "success", "success"]
+    await r.flush()
+    assert not [e for e in evidence(r) if e[1] == "timeout"]
+
+
 async def test_a_job_longer_than_every_share_says_to_raise_the_timeout() -> None:
     r = router([info(n) for n in "abc"], answers=dict.fromkeys("abc", Slow(5, 2.5)))
     with pytest.raises(JobTimeout, match="no result within 3 s from 3 peers.*raise --timeout") as caught:
