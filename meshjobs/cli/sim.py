@@ -130,13 +130,11 @@ def _table(report: dict[str, Any], missed: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from meshjobs.sim.report import TARGETS
+    from meshjobs.sim.report import TARGETS, label
 
     targets = {name: f"{op} {bound:g}" for name, op, bound in TARGETS}
-    traits = [t for t, on in (("colluding", report.get("collude")), ("role-aware", report.get("role_aware"))) if on]
-    kind = f"{report['scenario']} ({', '.join(traits)})" if traits else report["scenario"]
     title = (
-        f"meshjobs sim: {kind}, "
+        f"meshjobs sim: {label(report)}, "
         f"seed {report['seed']}, {report['peers']} peers "
         f"({report['malicious']} malicious, {report['pretrusted']} pre-trusted), {report['jobs']} jobs, "
         f"{report['seconds']:g} s"

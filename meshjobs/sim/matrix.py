@@ -22,7 +22,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from meshjobs.sim.report import CATCH_ALL
+from meshjobs.sim.report import CATCH_ALL, label
 from meshjobs.sim.scenarios import COLLUDING, SCENARIOS
 
 #: (column title, key in :func:`reduce`'s result, target as the issue states it)
@@ -88,11 +88,6 @@ def variant(report: dict[str, Any]) -> Variant:
     return bool(report.get("collude")), bool(report.get("role_aware"))
 
 
-def _name(scenario: str, of: Variant) -> str:
-    marks = [mark for mark, on in zip(("colluding", "role-aware"), of, strict=True) if on]
-    return f"{scenario} ({', '.join(marks)})" if marks else scenario
-
-
 def markdown(reports: list[dict[str, Any]]) -> str:
     """The README table: one row per scenario and variant, a mark on every cell that misses its target."""
     by_scenario: dict[tuple[str, Variant], list[dict[str, Any]]] = {}
@@ -105,8 +100,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         values = reduce(runs)
         missed = set(passes(scenario, values))
         cells = [f"{_cell(key, values[key])}{' ✗' if key in missed else ''}" for _, key, _ in COLUMNS]
-        name = _name(scenario, of)
-        lines.append("| " + " | ".join([name, str(len(runs)), *cells]) + " |")
+        lines.append("| " + " | ".join([label(runs[0]), str(len(runs)), *cells]) + " |")
     first = reports[0] if reports else {}
     lines.append("")
     lines.append(

@@ -139,3 +139,9 @@ def check(report: dict[str, Any]) -> list[str]:
         if caught < 0.9:
             missed.append(f"malicious quarantined = {caught:.0%} (target >= 90% in {report['scenario']})")
     return missed
+
+
+def label(report: dict[str, Any]) -> str:
+    """The scenario a report ran, with the cheaters' options: ``long-con (colluding, role-aware)``."""
+    traits = [t for t, on in (("colluding", report.get("collude")), ("role-aware", report.get("role_aware"))) if on]
+    return f"{report['scenario']} ({', '.join(traits)})" if traits else str(report["scenario"])
