@@ -454,18 +454,15 @@ class JobRun:
 
     def failure(self) -> MeshError:
         """What to raise when no run gave a result: the last error (with the trace), or a timeout."""
-        error = self.errors[-1] if self.errors else None
         peers = {attempt.peer for attempt in self.trace}
-        if error is None or (len(peers) > 1 and all(isinstance(e, JobTimeout) for e in self.errors)):
-            error = JobTimeout(
-                f"{self.capability}: no result within {self.timeout:g} s"
-                + (
-                    f" from {len(peers)} peers, each given its share of the time (a third of it, or what its "
-                    "record says its jobs take; the last one all that was left): raise --timeout for long jobs"
-                    if len(peers) > 1
-                    else ""
-                )
+        timeout = f"{self.capability}: no result within {self.timeout:g} s"
+        if len(peers) > 1 and all(isinstance(e, JobTimeout) for e in self.errors):
+            error: MeshError = JobTimeout(
+                f"{timeout} from {len(peers)} peers, each given its share of the time (a third of it, or what its "
+                "record says its jobs take; the last one all that was left): raise --timeout for long jobs"
             )
+        else:
+            error = self.errors[-1] if self.errors else JobTimeout(timeout)
         error.trace = self.trace
         return error
 

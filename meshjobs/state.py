@@ -437,8 +437,9 @@ async def open_bucket(
     return await retrying(lookup, timeout=timeout, what=f"opening bucket {spec.name}", first_delay=0.1)
 
 
-#: How long a broken watch waits before it is opened again.
+#: How long a broken watch waits before it is opened again, and the longest stopping one may take.
 REWATCH_S = 0.5
+STOP_WATCH_S = 5.0
 
 #: How long a replay waits, once nats-py says it is caught up, for revisions it has not handed over yet.
 REPLAY_GRACE = 2.0
@@ -523,8 +524,8 @@ async def follow(
 
     A watch that breaks (*errors*; a leader change, a lost connection) or ends
     is stopped, logged at debug level as *what*, and opened again after
-    :data:`REWATCH_S`; stopping it is bounded, so a closing connection cannot
-    hold the loop.
+    :data:`REWATCH_S`; stopping it is bounded (:data:`STOP_WATCH_S`), so a
+    closing connection cannot hold the loop.
     """
     while True:
         watcher = None
@@ -538,7 +539,7 @@ async def follow(
         finally:
             if watcher is not None:
                 try:
-                    await asyncio.wait_for(watcher.stop(), REWATCH_S * 10)
+                    await asyncio.wait_for(watcher.stop(), STOP_WATCH_S)
                 except (nats.errors.Error, TimeoutError):
                     pass  # the connection is closing: nothing left to stop
         await asyncio.sleep(REWATCH_S)

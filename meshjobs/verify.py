@@ -221,8 +221,7 @@ def quorum_verdict(votes: Votes, quorum: int, *, final: bool) -> Verdict:
     """
     sizes = sorted((len(group) for group in votes.values()), reverse=True)
     best = sizes[0] if sizes else 0
-    if len(votes) > 1 and _decided(votes):
-        verdict = settle_votes(votes)
+    if len(votes) > 1 and (verdict := _by_trust(votes)) is not None:
         if len(verdict.agreeing) >= quorum:
             return verdict
         raise Rejected(
@@ -252,18 +251,17 @@ def _runs(votes: Votes) -> int:
 
 def _settled(votes: Votes) -> bool:
     """Checked and nothing left to settle: two or more runs that agree, or a disagreement trust has decided."""
-    return _runs(votes) > 1 and (len(votes) == 1 or _decided(votes))
+    return _runs(votes) > 1 and (len(votes) == 1 or _by_trust(votes) is not None)
 
 
-def _decided(votes: Votes) -> bool:
-    """Whether the votes settle it: never a conviction on one peer's word against another's."""
+def _by_trust(votes: Votes) -> Verdict | None:
+    """The verdict the votes settle by trust, or None: never a conviction on one peer's word against another's."""
     if len(votes) > 1 and _runs(votes) < 3:
-        return False
+        return None
     try:
-        settle_votes(votes)
+        return settle_votes(votes)
     except Rejected:
-        return False
-    return True
+        return None
 
 
 class Verifier:
@@ -344,9 +342,9 @@ class Verifier:
                 checkers = [c for c in tie_breakers(first, pending) if c.peer not in asked]
         if _runs(votes) == 1:
             return self._unchecked(job, first, outcome, candidates, required=record_verified(first) < VERIFIED_FLOOR)
-        if not _decided(votes):
+        if (verdict := _by_trust(votes)) is None:
             raise Rejected(Reason.NO_QUORUM, "the peers disagree and no side outweighs the other by enough trust")
-        return self._file(job, settle_votes(votes), votes)
+        return self._file(job, verdict, votes)
 
     async def _together(
         self,
