@@ -201,11 +201,22 @@ def _verdict(votes: Votes, digest: str, *, by_trust: bool = True) -> Verdict:
     return Verdict(winner[0][1], [c.peer for c, _ in winner], losers, by_trust)
 
 
+def undecided(votes: Votes) -> Rejected:
+    """``no_quorum`` for a disagreement trust cannot settle; says what is missing when nobody asked has standing."""
+    message = "the peers disagree and neither side outweighs the other by enough trust"
+    if not any(standing(c) > 0 for group in votes.values() for c, _ in group):
+        message += (
+            f": none of the {_runs(votes)} peers asked has any standing yet, and trust grows only from anchors "
+            "(list peers you vouch for as [[pretrusted]] in the trust file)"
+        )
+    return Rejected(Reason.NO_QUORUM, message)
+
+
 def settle_votes(votes: Votes, margin: float = MARGIN) -> Verdict:
     """The value whose supporters carry at least *margin* more trust wins; less is no verdict (yet)."""
     weighed = _weighed(votes)
     if len(weighed) > 1 and weighed[0][0] - weighed[1][0] < margin:
-        raise Rejected(Reason.NO_QUORUM, "the peers disagree and neither side outweighs the other by enough trust")
+        raise undecided(votes)
     return _verdict(votes, weighed[0][1])
 
 
@@ -343,7 +354,7 @@ class Verifier:
         if _runs(votes) == 1:
             return self._unchecked(job, first, outcome, candidates, required=record_verified(first) < VERIFIED_FLOOR)
         if (verdict := _by_trust(votes)) is None:
-            raise Rejected(Reason.NO_QUORUM, "the peers disagree and no side outweighs the other by enough trust")
+            raise undecided(votes)
         return self._file(job, verdict, votes)
 
     async def _together(

@@ -107,3 +107,13 @@ def test_an_even_split_is_no_verdict() -> None:
     with pytest.raises(Rejected) as info:
         settle_votes(votes([cand("a", 0.5)], [cand("b", 0.5)]))
     assert info.value.reason == Reason.NO_QUORUM
+    assert "[[pretrusted]]" not in str(info.value)  # trust is there: the sides are just even
+
+
+def test_a_disagreement_among_peers_nobody_trusts_says_trust_needs_anchors() -> None:
+    # A mesh with no anchors: however many agree, nobody's word counts, so the user is told what is missing.
+    with pytest.raises(Rejected) as info:
+        settle_votes(votes([cand("a", 0.0)], [cand("b", 0.0), cand("c", 0.0)]))
+    assert info.value.reason == Reason.NO_QUORUM
+    assert "none of the 3 peers asked has any standing yet" in str(info.value)
+    assert "[[pretrusted]]" in str(info.value) and "\n" not in str(info.value)
