@@ -31,8 +31,9 @@ _LABELS = {"starting": "starting peers", "jobs": "jobs", "settling": "settling r
 )
 @click.option("--scenario", type=click.Choice(SCENARIOS), default="always-wrong", show_default=True,
               help="How cheaters behave.")  # fmt: skip
-@click.option("--pretrusted", type=click.IntRange(0, MAX_PRETRUSTED), default=0, show_default=True,
-              help="Honest peers the operator attests ([[pretrusted]] anchors).")  # fmt: skip
+@click.option("--pretrusted", type=click.IntRange(0, MAX_PRETRUSTED), default=None,
+              help="Honest peers the operator attests ([[pretrusted]] anchors): trust grows from them; "
+                   "0 leaves the mesh without a root of trust.  [default: 3 per 40 peers, at least 1]")  # fmt: skip
 @click.option("--p", "p", type=Fraction(), default=0.3, show_default=True,
               help="camouflage: how often a cheater answers wrong.")  # fmt: skip
 @click.option("--k", "k", type=click.IntRange(0, 1_000_000), default=5, show_default=True,

@@ -54,7 +54,8 @@ class SimConfig:
     jobs: int = 300
     seed: int = 0
     scenario: str = "always-wrong"
-    pretrusted: int = 0
+    pretrusted: int | None = None
+    """Anchors among the honest peers; None: :func:`~meshjobs.sim.scenarios.default_pretrusted` (3 of 40)."""
     p: float = 0.3
     """camouflage: how often a cheater answers wrong."""
     k: int = 5

@@ -124,19 +124,32 @@ class Plan:
 COLLUDING = ("camouflage", "long-con")
 
 
+def default_pretrusted(peers: int, bad: int) -> int:
+    """Issue 11's setting, 3 anchors for 40 peers, in proportion (at least one, at most 3, honest only).
+
+    A mesh without anchors has no root of trust: nobody's credibility can grow
+    (a collective vouching for itself gains nothing), so no disagreement is
+    settled and no cheater is quarantined. ``--pretrusted 0`` measures that.
+    """
+    return min(MAX_PRETRUSTED, peers - bad, max(1, round(peers * MAX_PRETRUSTED / 40)))
+
+
 def make_plan(
     peers: int,
     malicious: float,
     scenario: str,
     seed: int,
     *,
-    pretrusted: int = 0,
+    pretrusted: int | None = None,
     p: float = 0.3,
     k: int = 5,
     collude: bool = False,
     role_aware: bool = False,
 ) -> Plan:
-    """Choose the cheaters (``round(peers * malicious)`` of them) and the pre-trusted honest peers."""
+    """Choose the cheaters (``round(peers * malicious)`` of them) and the pre-trusted honest peers.
+
+    *pretrusted* None: :func:`default_pretrusted` of them.
+    """
     if scenario not in SCENARIOS:
         raise UsageError(f"unknown scenario {scenario!r} (one of {', '.join(SCENARIOS)})")
     if peers < 2:
@@ -150,6 +163,8 @@ def make_plan(
     if collude and scenario not in COLLUDING:
         raise UsageError(f"collusion applies to {' and '.join(COLLUDING)} (collective cheaters always collude)")
     bad = round(peers * malicious)
+    if pretrusted is None:
+        pretrusted = default_pretrusted(peers, bad)
     if not 0 <= pretrusted <= min(MAX_PRETRUSTED, peers - bad):
         raise UsageError(f"pre-trusted peers: at most {MAX_PRETRUSTED}, and only honest ones ({peers - bad} here)")
     rng = random.Random(f"meshjobs-sim:{seed}:plan")

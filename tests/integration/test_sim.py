@@ -56,10 +56,11 @@ def test_small_run_reports_consistent_numbers(tmp_path: Path, home: Path) -> Non
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     args = ("--peers", "8", "--malicious", "0.375", "--jobs", "40", "--seed", "3", "--processes", "2")
-    out = sim(tmp, home, *args, "--scenario", "always-wrong", "--pretrusted", "1", "--rate", "50", "--json")
+    out = sim(tmp, home, *args, "--scenario", "always-wrong", "--rate", "50", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     assert not [f for f in FIELDS if f not in report]
+    # One anchor by default for 8 peers (3 for 40): trust needs a root.
     assert (report["scenario"], report["seed"], report["peers"], report["pretrusted"]) == ("always-wrong", 3, 8, 1)
     assert (report["honest"], report["malicious"]) == (5, 3)
     assert report["jobs"] == report["jobs_finished"] == 40
@@ -80,6 +81,20 @@ def test_small_run_reports_consistent_numbers(tmp_path: Path, home: Path) -> Non
     # Honest peers never answer wrong; every cheater's answer is wrong.
     assert all(p["wrong_answers"] == 0 for p in detail if p["role"] != "malicious")
     assert all(p["wrong_answers"] == p["executions"] for p in detail if p["role"] == "malicious")
+    assert list(tmp.iterdir()) == [] and leftovers(tmp) == []
+
+
+def test_without_anchors_the_mesh_refuses_what_it_cannot_settle(tmp_path: Path, home: Path) -> None:
+    """--pretrusted 0: nobody has standing, so a disagreement fails the job rather than guessing; nobody is punished."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    args = ("--peers", "8", "--malicious", "0.375", "--jobs", "30", "--seed", "3", "--processes", "2")
+    out = sim(tmp, home, *args, "--scenario", "always-wrong", "--pretrusted", "0", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["pretrusted"] == 0 and report["wrong"] == 0
+    assert report["failed"] > 0 and report["errors"] == {"Rejected[no_quorum]": report["failed"]}
+    assert report["malicious_quarantined"] == report["honest_quarantined"] == 0
     assert list(tmp.iterdir()) == [] and leftovers(tmp) == []
 
 

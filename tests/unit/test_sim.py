@@ -30,6 +30,16 @@ def test_plan_is_reproducible_and_pretrusted_peers_are_honest() -> None:
 
 
 @pytest.mark.parametrize(
+    ("peers", "malicious", "anchors"), [(40, 0.3, 3), (200, 0.3, 3), (20, 0.3, 2), (8, 0.25, 1), (2, 0.5, 1)]
+)
+def test_a_plan_has_anchors_unless_told_otherwise(peers: int, malicious: float, anchors: int) -> None:
+    # Issue 11's setting (3 of 40) in proportion, at least one: without anchors no trust can grow.
+    plan = make_plan(peers, malicious, "always-wrong", 1)
+    assert len(plan.pretrusted) == anchors and plan.pretrusted <= plan.honest
+    assert make_plan(peers, malicious, "always-wrong", 1, pretrusted=0).pretrusted == frozenset()
+
+
+@pytest.mark.parametrize(
     ("peers", "malicious", "scenario", "pretrusted"),
     [(40, 0.3, "nope", 0), (1, 0.0, "forge", 0), (40, 1.0, "forge", 0), (40, 0.3, "forge", 4), (4, 0.75, "forge", 2)],
 )
