@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from meshjobs.sim.scenarios import expected
 from tests.conftest import REPO, cli_env
@@ -52,13 +53,19 @@ def sim(tmp: Path, home: Path, *args: str, timeout: float = 90) -> subprocess.Co
     )
 
 
+def sim_json(tmp: Path, home: Path, *args: str) -> dict[str, Any]:
+    """A run under a private TMPDIR (*tmp*, created here) that must succeed; its JSON report."""
+    tmp.mkdir()
+    out = sim(tmp, home, *args, "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report: dict[str, Any] = json.loads(out.stdout)
+    return report
+
+
 def test_small_run_reports_consistent_numbers(tmp_path: Path, home: Path) -> None:
     tmp = tmp_path / "tmp"
-    tmp.mkdir()
     args = ("--peers", "8", "--malicious", "0.375", "--jobs", "40", "--seed", "3", "--processes", "2")
-    out = sim(tmp, home, *args, "--scenario", "always-wrong", "--rate", "50", "--json")
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout)
+    report = sim_json(tmp, home, *args, "--scenario", "always-wrong", "--rate", "50")
     assert not [f for f in FIELDS if f not in report]
     # One anchor by default for 8 peers (3 for 40): trust needs a root.
     assert (report["scenario"], report["seed"], report["peers"], report["pretrusted"]) == ("always-wrong", 3, 8, 1)
@@ -87,11 +94,8 @@ def test_small_run_reports_consistent_numbers(tmp_path: Path, home: Path) -> Non
 def test_without_anchors_the_mesh_refuses_what_it_cannot_settle(tmp_path: Path, home: Path) -> None:
     """--pretrusted 0: nobody has standing, so a disagreement fails the job rather than guessing; nobody is punished."""
     tmp = tmp_path / "tmp"
-    tmp.mkdir()
     args = ("--peers", "8", "--malicious", "0.375", "--jobs", "30", "--seed", "3", "--processes", "2")
-    out = sim(tmp, home, *args, "--scenario", "always-wrong", "--pretrusted", "0", "--json")
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout)
+    report = sim_json(tmp, home, *args, "--scenario", "always-wrong", "--pretrusted", "0")
     assert report["pretrusted"] == 0 and report["wrong"] == 0
     assert report["failed"] > 0 and report["errors"] == {"Rejected[no_quorum]": report["failed"]}
     assert report["malicious_quarantined"] == report["honest_quarantined"] == 0
@@ -101,7 +105,6 @@ def test_without_anchors_the_mesh_refuses_what_it_cannot_settle(tmp_path: Path, 
 def test_colluding_cheaters_return_one_wrong_value_per_job(tmp_path: Path, home: Path) -> None:
     """--collude reaches every worker process: cheaters that turned agree with each other, honest peers never."""
     tmp = tmp_path / "tmp"
-    tmp.mkdir()
     args = (
         "--peers",
         "8",
@@ -116,9 +119,7 @@ def test_colluding_cheaters_return_one_wrong_value_per_job(tmp_path: Path, home:
         "--pretrusted",
         "1",
     )
-    out = sim(tmp, home, *args, "--scenario", "long-con", "--k", "0", "--collude", "--keep", "--json")
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout)
+    report = sim_json(tmp, home, *args, "--scenario", "long-con", "--k", "0", "--collude", "--keep")
     assert report["collude"] is True and report["k"] == 0
     workdir = Path(report["workdir"])
     try:
@@ -137,11 +138,8 @@ def test_colluding_cheaters_return_one_wrong_value_per_job(tmp_path: Path, home:
 def test_role_aware_reaches_every_worker_process(tmp_path: Path, home: Path) -> None:
     """--role-aware: each process's spec says so, and a cheater's every guess of a check is an honest answer."""
     tmp = tmp_path / "tmp"
-    tmp.mkdir()
     args = ("--peers", "8", "--jobs", "30", "--seed", "4", "--processes", "2", "--pretrusted", "1")
-    out = sim(tmp, home, *args, "--scenario", "always-wrong", "--role-aware", "--keep", "--json")
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout)
+    report = sim_json(tmp, home, *args, "--scenario", "always-wrong", "--role-aware", "--keep")
     assert report["role_aware"] is True
     workdir = Path(report["workdir"])
     try:
