@@ -36,6 +36,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from meshjobs.compare import EXACT
 from meshjobs.errors import MeshError
 from meshjobs.manifest import ATTESTABLE, open_manifest
 from meshjobs.observe.metrics import JobObserver
@@ -280,6 +281,8 @@ class PeerInfo:
     deterministic: tuple[str, ...] = ()
     tags: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """(capability, its tags) pairs: the specialties the worker claims for each."""
+    comparisons: tuple[tuple[str, str], ...] = ()
+    """(capability, comparison) pairs for capabilities not compared exactly (see :mod:`meshjobs.compare`)."""
     attested: tuple[str, ...] = ()
     """Which of kind, region and community an operator of the reader's policy vouches for
     (those fields then hold the operator's values); the rest are the peer's own claim."""
@@ -290,6 +293,10 @@ class PeerInfo:
 
     def tags_of(self, capability: str) -> tuple[str, ...]:
         return dict(self.tags).get(capability, ())
+
+    def compare_of(self, capability: str) -> str:
+        """How this worker says results of *capability* compare (``exact`` unless it declared otherwise)."""
+        return dict(self.comparisons).get(capability, EXACT)
 
     def is_attested(self, field: str) -> bool:
         return field in self.attested
@@ -308,6 +315,7 @@ class PeerInfo:
             "capabilities": list(self.capabilities),
             "deterministic": list(self.deterministic),
             "tags": {cap: list(tags) for cap, tags in self.tags},
+            "compare": dict(self.comparisons),
             "price": self.price,
             "slots": self.slots,
         }
@@ -345,6 +353,7 @@ def _as_peer(info: dict[str, Any], operators: frozenset[str]) -> PeerInfo | None
         capabilities=tuple(sorted({o.name for o in m.capabilities})),
         deterministic=tuple(sorted({o.name for o in m.capabilities if o.deterministic})),
         tags=tuple(sorted((o.name, tuple(o.tags)) for o in m.capabilities)),
+        comparisons=tuple(sorted((o.name, o.compare) for o in m.capabilities if o.compare)),
         attested=tuple(f for f in ATTESTABLE if f in checked.attested),
         attesters=checked.attesters,
         price=m.price,

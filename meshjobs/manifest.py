@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from meshjobs.compare import MAX_SPEC, valid_comparison
 from meshjobs.envelope import (
     ATTESTATION_MAGIC,
     MANIFEST_MAGIC,
@@ -56,6 +57,10 @@ class Offer(Wire):
     name: str = Field(max_length=256)
     deterministic: bool = False
     tags: list[str] = Field(default_factory=list, max_length=32)
+    compare: str | None = Field(None, max_length=MAX_SPEC)
+    """When two results count as the same (:mod:`meshjobs.compare`); None: exact."""
+
+    _compare = field_validator("compare")(valid_comparison)
 
 
 class Manifest(Wire):

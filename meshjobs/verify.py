@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshjobs.client import Outcome
+from meshjobs.compare import EXACT, Comparison
 from meshjobs.errors import NoPeerError, Reason, Rejected, UsageError
 from meshjobs.router import (
     Attempt,
@@ -256,6 +257,32 @@ def quorum_verdict(votes: Votes, quorum: int, *, final: bool) -> Verdict:
     return _verdict(votes, digest, by_trust=False)
 
 
+def vote(votes: Votes, ran: tuple[Candidate, Outcome], comparison: Comparison) -> None:
+    """Add *ran* to *votes*: grouped by digest, or, under a declared comparison, around the most central results.
+
+    A tolerance need not be transitive (1 - d and 1 + d can each be within it
+    of 1 and not of each other), so the groups are rebuilt from every run:
+    the result the same as the most others leads a group of all those the
+    same as it, and so on with the rest. Which order the answers came in
+    does not matter, and the value returned is the most central one.
+    """
+    if comparison.exact:
+        votes[result_digest(ran[1])].append(ran)
+        return
+
+    def same(a: tuple[Candidate, Outcome], b: tuple[Candidate, Outcome]) -> bool:
+        x, y = a[1].result, b[1].result
+        return x.status == y.status and comparison.same(x.value, y.value)
+
+    runs = [r for group in votes.values() for r in group] + [ran]
+    votes.clear()
+    while runs:
+        lead = max(runs, key=lambda r: sum(same(r, other) for other in runs))  # the first of the most central
+        group = [lead] + [r for r in runs if r is not lead and same(lead, r)]
+        votes[result_digest(lead[1])] = group
+        runs = [r for r in runs if all(r is not g for g in group)]
+
+
 def _runs(votes: Votes) -> int:
     return sum(len(group) for group in votes.values())
 
@@ -305,7 +332,7 @@ class Verifier:
         cannot wave a result through.
         """
         job = JobRun.start(self.router, capability, args, job_id, timeout)
-        candidates = await self.router.candidates(capability, constraints, deterministic=True)
+        candidates = await self._checkable(job, constraints)
         if not candidates:
             raise NoPeerError(f"no capable peer offers {capability!r} as deterministic and meets the constraints")
         pending = list(candidates)
@@ -328,7 +355,7 @@ class Verifier:
         if not answers:
             raise job.failure()
         for answer in answers:
-            votes[result_digest(answer[1])].append(answer)
+            vote(votes, answer, job.comparison)
         # The earliest asked first peer's result, or a checker's if no first peer answered.
         order = list(drawn)
         first, outcome = min(answers, key=lambda a: order.index(a[0].peer) if a[0].peer in drawn else len(order))
@@ -346,7 +373,7 @@ class Verifier:
             ran = await job.run(checkers.pop(0), budget)
             if ran is None:
                 continue
-            votes[result_digest(ran[1])].append(ran)
+            vote(votes, ran, job.comparison)
             if len(votes) > 1 and not settling:  # the check disagreed: the most trusted settle it from now on
                 settling = True
                 asked = {c.peer for group in votes.values() for c, _ in group}
@@ -356,6 +383,25 @@ class Verifier:
         if (verdict := _by_trust(votes)) is None:
             raise undecided(votes)
         return self._file(job, verdict, votes)
+
+    async def _checkable(self, job: JobRun, constraints: Constraints) -> list[Candidate]:
+        """The peers that can check each other on *job*: those declaring the comparison the most trusted declare.
+
+        The job's results are compared, and its evidence filed, by that
+        comparison (:attr:`JobRun.compare`). A peer that declares another one
+        promises another notion of "the same result" (another version of the
+        capability, or a cheater loosening the check), so it is left out of
+        this job rather than judged by a rule it did not declare.
+        """
+        candidates = await self.router.candidates(job.capability, constraints, deterministic=True)
+        declared: defaultdict[str, float] = defaultdict(float)
+        for c in candidates:
+            declared[c.info.compare_of(job.capability)] += standing(c) + 1e-3  # trust first, then headcount
+        if not declared:
+            return candidates
+        spec = max(sorted(declared), key=lambda s: (declared[s], s == EXACT))
+        job.compare = None if spec == EXACT else spec
+        return [c for c in candidates if c.info.compare_of(job.capability) == spec]
 
     async def _together(
         self,
@@ -475,11 +521,13 @@ class Verifier:
         """Evidence for all who voted: ``agree`` for the winners, ``wrong`` for the losers (convicted if outweighed)."""
         winners = [o for group in votes.values() for c, o in group if c.peer in verdict.agreeing]
         backers = [c for group in votes.values() for c, _ in group if c.peer in verdict.agreeing]
-        count = len(verdict.agreeing)
+        count, same = len(verdict.agreeing), job.comparison.same
         for group in votes.values():
             for candidate, ran in group:
                 if candidate.peer in verdict.agreeing:
-                    job.report("agree", candidate.peer, ran, proof=[o for o in winners if o is not ran])
+                    # Only results the same as its own: a tolerance need not be transitive.
+                    proof = [o for o in winners if o is not ran and same(o.result.value, ran.result.value)]
+                    job.report("agree", candidate.peer, ran, proof=proof)
                     # Verified only by credible company: peers that vouch only for each other gain nothing.
                     if sum(standing(c) for c in backers if c.peer != candidate.peer) >= MARGIN:
                         self.router.witnessed[candidate.peer] += 1
@@ -515,7 +563,7 @@ class Verifier:
         if not 1 <= quorum <= replicas:
             raise UsageError("quorum must be between 1 and the number of replicas")
         job = JobRun.start(self.router, capability, args, job_id, timeout)
-        candidates = await self.router.candidates(capability, constraints, deterministic=True)
+        candidates = await self._checkable(job, constraints)
         if len(candidates) < quorum:
             raise NoPeerError(
                 f"no capable peer: {len(candidates)} peer(s) offer {capability!r} as deterministic and qualify; "
@@ -532,7 +580,7 @@ class Verifier:
             if len(batch) == 1:
                 budget = attempt_budget(job.left(), timeout, last=not pending, expected=batch[0].expected)
             for done in (await self._together(job, batch, budget))[0]:
-                votes[result_digest(done[1])].append(done)
+                vote(votes, done, job.comparison)
             settling = False
             if len(votes) > 1 and _runs(votes) < limit:
                 # The most trusted settle it from now on, one at a time, as in submit().

@@ -26,6 +26,7 @@ from typing import Any, Literal, get_args, get_type_hints
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic_core import to_jsonable_python
 
+from meshjobs.compare import EXACT, spec_of
 from meshjobs.errors import InvalidArguments, UsageError
 from meshjobs.subjects import check_capability
 from meshjobs.workflow.approval import Approval, as_approval
@@ -67,6 +68,8 @@ class Capability:
     """Running it twice does no harm: a replayed envelope is refused per worker only, not claimed mesh-wide."""
     approval: Approval | None = None
     """Who must approve each job before the handler runs (None: nobody; see :mod:`meshjobs.workflow.approval`)."""
+    compare: str = EXACT
+    """When two results count as the same in a check (see :mod:`meshjobs.compare`); canonical text."""
 
     def bind(self, args: dict[str, Any]) -> dict[str, Any]:
         """Validate *args* against the signature. Raises :class:`InvalidArguments`."""
@@ -164,8 +167,14 @@ class App:
         tags: tuple[str, ...] | list[str] = (),
         approval: Approval | bool | None = None,
         approvers: tuple[str, ...] | list[str] = (),
+        compare: str | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as *name*. The function is returned unchanged.
+
+        ``compare="rel=1e-9"`` (see :mod:`meshjobs.compare`) says when two
+        results count as the same, for a capability that is not bit-for-bit
+        deterministic; it makes the capability checkable, as
+        ``deterministic=True`` does.
 
         ``approval=Approval(...)`` (or ``approvers=[keys]``, or ``approval=True``
         for any operator of the worker's trust policy) gates every job on a
@@ -178,6 +187,10 @@ class App:
             raise UsageError(f"capability {name!r}: {exc}") from None
         if not timeout > 0:
             raise UsageError(f"capability {name!r}: timeout must be positive")
+        try:
+            comparison = spec_of(compare)
+        except UsageError as exc:
+            raise UsageError(f"capability {name!r}: {exc}") from None
         bad = [t for t in tags if not _TAG_RE.fullmatch(t)]
         if bad:
             raise UsageError(f"capability {name!r}: tag {bad[0]!r} must be 1-32 of a-z, 0-9, '-'")
@@ -191,7 +204,7 @@ class App:
                 name=name,
                 func=func,
                 timeout=float(timeout),
-                deterministic=deterministic,
+                deterministic=deterministic or comparison != EXACT,
                 idempotent=idempotent,
                 tags=tuple(sorted(set(tags))),
                 approval=gate,
@@ -200,6 +213,7 @@ class App:
                 context_param=context_param,
                 is_async=inspect.iscoroutinefunction(func),
                 accepts_extra=accepts_extra,
+                compare=comparison,
             )
             return func
 

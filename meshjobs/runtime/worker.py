@@ -34,6 +34,7 @@ from nats.nuid import NUID
 
 from meshjobs._nats import close_quietly, connect
 from meshjobs._version import __version__
+from meshjobs.compare import EXACT
 from meshjobs.discovery import Endpoint, ServiceResponder
 from meshjobs.envelope import Envelope, check_window, claimed_signer, digest, now_ms, open_envelope
 from meshjobs.errors import RETRYABLE_REASONS, KeyExists, MeshError, Reason, Rejected, UsageError
@@ -145,6 +146,7 @@ class Worker:
         """This worker's signed discovery manifest, as of now (see :mod:`meshjobs.manifest`)."""
         offers = [
             {"name": cap.name, "deterministic": cap.deterministic, "tags": list(cap.tags)}
+            | ({"compare": cap.compare} if cap.compare != EXACT else {})
             for cap in self.app.capabilities.values()
             if cap.name in self._endpoints
         ]

@@ -43,6 +43,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from meshjobs.compare import MAX_SPEC, valid_comparison
+from meshjobs.compare import parse as parse_comparison
 from meshjobs.envelope import (
     Envelope,
     Result,
@@ -105,8 +107,11 @@ class Evidence(Wire):
     request: str | None = Field(None, max_length=MAX_FRAME_TEXT)
     result: str | None = Field(None, max_length=MAX_FRAME_TEXT)
     proof: list[ProofItem] = Field(default_factory=list, max_length=MAX_PROOF)
+    compare: str | None = Field(None, max_length=MAX_SPEC)
+    """How the submitter compared the results (:mod:`meshjobs.compare`; None: exact): the proof is checked by it."""
 
     _keys = field_validator("peer", "submitter")(valid_key)
+    _compare = field_validator("compare")(valid_comparison)
 
 
 def evidence_id(kind: str, peer: str, job_id: str, submitter: str) -> str:
@@ -146,6 +151,7 @@ def make_evidence(
     result: bytes | None = None,
     proof: Iterable[tuple[bytes, bytes]] = (),
     at_ms: int | None = None,
+    compare: str | None = None,
 ) -> Evidence:
     """Evidence (not yet signed); *proof* is (request frame, result frame) pairs of other workers.
 
@@ -173,6 +179,7 @@ def make_evidence(
         request=_text(request),
         result=_text(result),
         proof=items,
+        compare=compare,
     )
 
 
@@ -233,9 +240,9 @@ def _others(evidence: Evidence, request: Envelope, result: Result) -> tuple[str,
     """Check the proof of an agree or wrong report; return the other workers."""
     if not evidence.proof:
         raise _bad(f"{evidence.kind} evidence must embed other workers' signed results for the job")
-    args, mine = _canonical(request.args), value_digest(result)
+    args, comparison = _canonical(request.args), parse_comparison(evidence.compare)
     workers: list[str] = []
-    values: set[str] = set()
+    values: list[Any] = []
     for item in evidence.proof:
         other_request, other = _bound(evidence, item.request, item.result)
         if _canonical(other_request.args) != args:
@@ -245,10 +252,13 @@ def _others(evidence: Evidence, request: Envelope, result: Result) -> tuple[str,
         if other.status != "ok":
             raise _bad(f"a result in the proof has status {other.status!r}, not ok")
         workers.append(other.worker)
-        values.add(value_digest(other))
-    if evidence.kind == "agree" and values != {mine}:
+        values.append(other.value)
+    same = comparison.same
+    if evidence.kind == "agree" and not all(same(result.value, v) for v in values):
         raise _bad("a result in the proof has another value: that is no agreement")
-    if evidence.kind == "wrong" and (len(values) != 1 or mine in values):
+    if evidence.kind == "wrong" and (
+        not all(same(values[0], v) for v in values) or any(same(result.value, v) for v in values)
+    ):
         raise _bad("the results in the proof must agree on one value other than the peer's")
     return tuple(workers)
 

@@ -215,6 +215,7 @@ class ReputationBook:
         result: bytes | None = None,
         request: bytes | None = None,
         proof: Iterable[tuple[bytes, bytes]] = (),
+        compare: str | None = None,
     ) -> Evidence:
         """A piece of evidence by this submitter (not yet signed or published).
 
@@ -222,7 +223,8 @@ class ReputationBook:
         and ``Outcome.frame``); *proof* is (request, result) frame pairs of other
         workers for the same job: the agreeing ones for ``agree``, the side
         that outweighs the peer for ``wrong``. Frames too large to embed
-        (over 256 KiB) are left out, and the proof then fails.
+        (over 256 KiB) are left out, and the proof then fails. *compare* is
+        how the results were compared (:mod:`meshjobs.compare`; None: exact).
         """
         return make_evidence(
             kind,
@@ -235,6 +237,7 @@ class ReputationBook:
             request=request,
             result=result,
             proof=proof,
+            compare=compare,
         )
 
     async def publish(self, batch: list[Evidence]) -> None:

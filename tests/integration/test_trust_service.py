@@ -370,6 +370,53 @@ async def test_plain_submit_takes_no_result_from_a_peer_the_service_quarantined(
         await router.close()
 
 
+def _noisy(index: int, *, compare: str) -> App:
+    """A mean whose last bits differ by worker (floating point summed in another order, say)."""
+    app = App(f"noisy-{index}")
+
+    @app.capability("svc.mean", compare=compare)
+    async def mean(xs: list[float]) -> float:
+        ran.append(index)
+        return sum(xs) / len(xs) * (1 + index * 1e-12)
+
+    return app
+
+
+ran: list[int] = []
+
+
+async def test_a_declared_comparison_lets_noisy_peers_check_each_other_end_to_end(mesh: Mesh) -> None:
+    """Real workers declare a tolerance; the submitter compares by it and the trust service folds the evidence."""
+    ran.clear()
+    identities = [Identity.generate() for _ in range(4)]
+    trusts = TrustPolicy(frozenset({mesh.operator.public_key}))
+    workers, conns = [], []
+    for index, identity in enumerate(identities):  # the last one declares a much looser comparison
+        conns.append(await nats.connect(mesh.url))
+        workers.append(Worker(_noisy(index, compare="rel=0.5" if index == 3 else "rel=1e-9"), identity, trusts))
+        await workers[-1].start(conns[-1])
+    router = await _router(mesh)
+    try:
+        deadline = time.monotonic() + 10
+        while len([p for p in await mesh.client.peers(timeout=0.3) if "svc.mean" in p.capabilities]) < 4:
+            assert time.monotonic() < deadline, "workers did not appear in discovery"
+            await asyncio.sleep(0.2)
+        invalid, submitter = mesh.service.stats["invalid"], Submitter(mesh.client, router)
+        done = await submitter.submit("svc.mean", {"xs": [0.1, 0.2, 0.7]}, SubmitOptions(verify="quorum:3/3"))
+        assert done.outcome.value == pytest.approx(1 / 3, rel=1e-9) and done.executions == 3
+        assert 3 not in ran and sorted(ran) == [0, 1, 2]  # the peer declaring another comparison checked nobody
+        for identity in identities[:3]:  # each one's agreement, proven by the comparison, folded
+            record = await mesh.record(identity.public_key, lambda r: r.jobs >= 1, timeout=5)
+            assert record.wrong == 0 and not record.quarantined
+        assert mesh.service.stats["invalid"] == invalid
+    finally:
+        await router.close()
+        for worker in workers:
+            await worker.drain()
+        for nc in conns:
+            await nc.close()
+
+
 async def _wrong(mesh: Mesh, peer: str, job: str, bad: Outcome, right: Outcome) -> Evidence:
     evidence = mesh.book.evidence_for(
         "wrong",

@@ -124,6 +124,18 @@ def test_app_registration_errors() -> None:
         app.capability("t.y")(lambda *args: None)
     with pytest.raises(UsageError, match="kind"):
         App("t", kind="robot")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"^capability 't.z': unknown comparison term 'fuzzy'"):
+        app.capability("t.z", compare="fuzzy")
+
+
+def test_a_declared_comparison_makes_a_capability_checkable() -> None:
+    app = App("t")
+    app.capability("t.mean", compare="unordered, rel=1e-9")(lambda: 0.0)
+    app.capability("t.add", deterministic=True, compare="exact")(lambda: 0)
+    app.capability("t.chat")(lambda: "")
+    mean, add, chat = (app.capabilities[n] for n in ("t.mean", "t.add", "t.chat"))
+    assert mean.deterministic and mean.compare == "rel=1e-09,unordered"
+    assert add.deterministic and add.compare == "exact" and not chat.deterministic
 
 
 def test_replay_guard() -> None:

@@ -205,6 +205,20 @@ def test_agreement_needs_equal_values_and_wrong_needs_one_other_value() -> None:
     assert "distinct worker" in problem(piece("agree", HONEST, 9, proof=[(HONEST, 9)]))
 
 
+def test_proof_is_checked_by_the_comparison_the_evidence_declares() -> None:
+    """Noise within a declared tolerance agrees and cannot be called wrong; a real difference is still wrong."""
+    tol = {"compare": "rel=1e-6"}
+    assert check_proof(piece("agree", HONEST, 1.0, proof=[(ANCHOR, 1.0000001)], **tol)).proven
+    assert "no agreement" in problem(piece("agree", HONEST, 1.0, proof=[(ANCHOR, 1.0000001)]))  # exact
+    assert "other than the peer's" in problem(piece("wrong", HONEST, 1.0, proof=[(ANCHOR, 1.0000001)], **tol))
+    assert "other than the peer's" in problem(
+        piece("wrong", CHEAT, 2.0, proof=[(ANCHOR, 1.0), (OTHER, 1.5)], **tol)
+    )  # the proof must itself agree
+    assert check_proof(piece("wrong", CHEAT, 2.0, proof=[(ANCHOR, 1.0), (OTHER, 1.0000001)], **tol)).proven
+    with pytest.raises(ValueError, match="unknown comparison term"):
+        piece("agree", HONEST, 1.0, proof=[(ANCHOR, 1.0)], compare="everything-agrees")
+
+
 def test_evidence_is_signed_by_its_submitter() -> None:
     evidence = piece("agree", HONEST, proof=[(ANCHOR, 9)])
     frame = seal_statement(EVIDENCE_MAGIC, OPERATOR, evidence)

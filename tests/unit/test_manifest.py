@@ -6,11 +6,14 @@ import time
 
 import pytest
 
-from meshjobs.envelope import now_ms
+from meshjobs.envelope import now_ms, seal_statement
 from meshjobs.errors import Reason, Rejected, UsageError
 from meshjobs.identity import Identity
 from meshjobs.manifest import (
+    MANIFEST_MAGIC,
     MANIFEST_MAX_AGE_MS,
+    Manifest,
+    Offer,
     attest,
     check_attestations,
     open_attestation,
@@ -51,6 +54,21 @@ def test_an_operators_own_worker_is_attested_as_it_is() -> None:
     checked = open_manifest(manifest(OPERATOR, region="eu", community="lab"), OPS)
     assert checked.attested == {"kind": "system", "region": "eu", "community": "lab"}
     assert open_manifest(manifest(OPERATOR), frozenset()).attested == {}
+
+
+def test_a_declared_comparison_travels_in_its_canonical_form_and_bad_ones_are_refused() -> None:
+    offers = [{"name": "demo.mean", "deterministic": True, "compare": "unordered,rel=0.000001"}, {"name": "demo.add"}]
+    checked = open_manifest(manifest(capabilities=offers), OPS)
+    assert [o.compare for o in checked.manifest.capabilities] == ["rel=1e-06,unordered", None]
+    with pytest.raises(ValueError, match="comparison"):  # a worker never signs one (App refuses it first)
+        manifest(capabilities=[{"name": "demo.mean", "compare": "anything-goes"}])
+    # A peer that signs one anyway (bypassing the model) is refused by every reader.
+    bad = Offer.model_construct(name="demo.mean", deterministic=True, tags=[], compare="anything-goes")
+    fields = {"instance": "i1", "kind": "system", "capabilities": [bad], "peer": WORKER.public_key}
+    forged = seal_statement(MANIFEST_MAGIC, WORKER, Manifest.model_construct(**fields, issued_at=now_ms()))
+    with pytest.raises(Rejected) as caught:
+        open_manifest(forged, OPS)
+    assert caught.value.reason is Reason.SCHEMA and "comparison" in str(caught.value)
 
 
 def test_tampered_stale_and_foreign_manifests_are_refused() -> None:

@@ -36,6 +36,7 @@ from meshjobs.identity import Identity
 from meshjobs.router import Constraints, Router, result_digest
 from meshjobs.subjects import audience_for
 from meshjobs.submit import Submitted
+from meshjobs.trust.evidence import check_proof
 from meshjobs.trust.quarantine import Order, QuarantineBoard
 from meshjobs.trust.reputation import Evidence, Record, ReputationBook
 from meshjobs.verify import Verifier
@@ -64,11 +65,12 @@ def info(
     price: float = 0.0,
     slots: int = 4,
     community: str = "",
+    compare: str | None = None,
 ) -> PeerInfo:
     caps = ("demo.add",)
     return PeerInfo(
         PEERS[name], name, kind, region, community, f"i-{name}", "1", caps, caps if deterministic else (),
-        attested=attested, price=price, slots=slots,
+        attested=attested, price=price, slots=slots, comparisons=(("demo.add", compare),) if compare else (),
     )  # fmt: skip
 
 
@@ -470,6 +472,51 @@ async def test_no_quorum_is_refused() -> None:
     with pytest.raises(Rejected) as caught:
         await Verifier(r).submit_quorum("demo.add", replicas=2, quorum=2)
     assert caught.value.reason is Reason.NO_QUORUM and caught.value.exit_code == 5
+
+
+async def test_results_compare_as_the_capability_declares_and_the_evidence_says_how() -> None:
+    """Floating-point noise is no disagreement where the capability declares a tolerance; a real difference is."""
+    answers = {"a": 1.0, "b": 1.0000001, "c": 2.0}
+    r = router([info(n, compare="rel=1e-6") for n in "abc"], ranked("a", "b", "c"), answers=answers)
+    done = await Verifier(r).submit_quorum("demo.add", replicas=3, quorum=2)
+    await r.flush()
+    assert done.outcome.value in (1.0, 1.0000001) and done.agreeing == sorted([PEERS["a"], PEERS["b"]])
+    assert evidence(r) == [("a", "agree"), ("b", "agree"), ("c", "wrong")]
+    assert {e.compare for e in stored(r)} == {"rel=1e-06"}
+    for piece in stored(r):  # the trust service checks the proof by the comparison the evidence carries
+        assert check_proof(piece).proven and _refused(piece.model_copy(update={"compare": None}))
+    # Declared exact (the default), the same answers are three different values: nobody is outweighed.
+    exact = router([info(n) for n in "abc"], ranked("a", "b", "c"), answers=answers)
+    with pytest.raises(Rejected):
+        await Verifier(exact).submit_quorum("demo.add", replicas=3, quorum=2)
+
+
+async def test_agreement_under_a_tolerance_is_proven_by_the_results_within_it() -> None:
+    """1 - d and 1 + d are each within the tolerance of 1 but not of each other: each agrees, with proof that holds."""
+    answers = {"a": 1.0, "b": 1.0 + 9e-7, "c": 1.0 - 9e-7}
+    r = router([info(n, compare="rel=1e-6") for n in "abc"], ranked("a", "b", "c"), answers=answers)
+    await Verifier(r, CheckEverything()).submit_quorum("demo.add", replicas=3, quorum=3)
+    await r.flush()
+    assert evidence(r) == [("a", "agree"), ("b", "agree"), ("c", "agree")]
+    assert all(check_proof(piece).proven for piece in stored(r))
+
+
+def _refused(piece: Evidence) -> bool:
+    try:
+        check_proof(piece)
+    except Rejected as exc:
+        return exc.code == "invalid_evidence"
+    return False
+
+
+async def test_a_peer_declaring_another_comparison_is_left_out_of_the_check() -> None:
+    """A cheater loosening the comparison for itself (or another version of the capability) checks nobody."""
+    peers = [info("a", compare="rel=1e-6"), info("b", compare="rel=1e-6"), info("c", compare="rel=0.5")]
+    r = router(peers, ranked("c", "a", "b"), answers={"a": 1.0, "b": 1.0000001, "c": 1.4})
+    done = await Verifier(r, CheckEverything()).submit("demo.add")
+    await r.flush()
+    assert "c" not in asked(r) and done.outcome.value in (1.0, 1.0000001)
+    assert {e.compare for e in stored(r)} == {"rel=1e-06"}
 
 
 async def test_agreeing_cheaters_cannot_outvote_trust() -> None:
