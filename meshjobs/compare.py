@@ -74,7 +74,7 @@ class Comparison:
 
     @property
     def exact(self) -> bool:
-        return self.spec == EXACT
+        return self == Comparison()
 
     def same(self, a: Any, b: Any) -> bool:
         """Whether values *a* and *b* (parsed JSON) count as the same result."""

@@ -29,7 +29,6 @@ import nats.errors
 
 from meshjobs.client import Client, Outcome
 from meshjobs.compare import Comparison
-from meshjobs.compare import parse as parse_comparison
 from meshjobs.discovery import PeerInfo
 from meshjobs.envelope import new_job_id, now_ms
 from meshjobs.errors import HandlerError, JobTimeout, MeshError, NoPeerError, Reason, Rejected, UsageError
@@ -415,12 +414,8 @@ class JobRun:
     errors: list[MeshError] = field(default_factory=list)
     absent: set[str] = field(default_factory=set)
     """Peers nobody was listening for (gone since discovery): they could not have checked anything."""
-    compare: str | None = None
-    """How the job's results are compared (:mod:`meshjobs.compare`; None: exact), and the evidence says so."""
-
-    @property
-    def comparison(self) -> Comparison:
-        return parse_comparison(self.compare)
+    comparison: Comparison = field(default_factory=Comparison)
+    """How the job's results are compared (:mod:`meshjobs.compare`; exact by default); the evidence says so."""
 
     @classmethod
     def start(
@@ -475,6 +470,6 @@ class JobRun:
         return error
 
     def report(self, kind: str, peer: str, outcome: Outcome | None, **extra: Any) -> None:
-        if self.compare is not None:
-            extra["compare"] = self.compare
+        if not self.comparison.exact:
+            extra["compare"] = self.comparison.spec
         self.router.report(kind, peer, outcome, self.job_id, self.capability, **extra)  # type: ignore[arg-type]

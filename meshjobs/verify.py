@@ -60,6 +60,7 @@ from typing import Any
 
 from meshjobs.client import Outcome
 from meshjobs.compare import EXACT, Comparison
+from meshjobs.compare import parse as parse_comparison
 from meshjobs.errors import NoPeerError, Reason, Rejected, UsageError
 from meshjobs.router import (
     Attempt,
@@ -388,20 +389,21 @@ class Verifier:
         """The peers that can check each other on *job*: those declaring the comparison the most trusted declare.
 
         The job's results are compared, and its evidence filed, by that
-        comparison (:attr:`JobRun.compare`). A peer that declares another one
+        comparison (:attr:`JobRun.comparison`). A peer that declares another one
         promises another notion of "the same result" (another version of the
         capability, or a cheater loosening the check), so it is left out of
         this job rather than judged by a rule it did not declare.
         """
         candidates = await self.router.candidates(job.capability, constraints, deterministic=True)
+        specs = [c.info.compare_of(job.capability) for c in candidates]
         declared: defaultdict[str, float] = defaultdict(float)
-        for c in candidates:
-            declared[c.info.compare_of(job.capability)] += standing(c) + 1e-3  # trust first, then headcount
+        for c, spec in zip(candidates, specs, strict=True):
+            declared[spec] += standing(c) + 1e-3  # trust first, then headcount
         if not declared:
             return candidates
-        spec = max(sorted(declared), key=lambda s: (declared[s], s == EXACT))
-        job.compare = None if spec == EXACT else spec
-        return [c for c in candidates if c.info.compare_of(job.capability) == spec]
+        chosen = max(sorted(declared), key=lambda s: (declared[s], s == EXACT))
+        job.comparison = parse_comparison(chosen)
+        return [c for c, spec in zip(candidates, specs, strict=True) if spec == chosen]
 
     async def _together(
         self,
