@@ -3,7 +3,7 @@
 The rules (README, "Architecture"):
 - nothing imports ``meshjobs.cli`` (the CLI sits on top; it imports the library);
 - ``meshjobs.infra`` imports no job module (runtime, trust, durable, client, router, submit, ...);
-- the ground floor (errors, identity, envelope, subjects, state, _nats) imports nothing above it;
+- the ground floor (errors, identity, envelope, subjects, state, _nats, _files, compare) imports nothing above it;
 - no module reaches into another's private attributes (no ``noqa: SLF001``).
 """
 
@@ -19,7 +19,7 @@ import pytest
 import meshjobs
 
 PACKAGE = Path(meshjobs.__file__).resolve().parent
-GROUND = {"errors", "identity", "envelope", "subjects", "state", "_nats", "_version", "_files"}
+GROUND = {"errors", "identity", "envelope", "subjects", "state", "_nats", "_version", "_files", "compare"}
 JOB_MODULES = ("runtime", "trust", "durable", "client", "router", "submit", "discovery", "catalog", "peers", "bridges")
 
 
