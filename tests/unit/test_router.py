@@ -511,12 +511,16 @@ def _refused(piece: Evidence) -> bool:
 
 async def test_a_peer_declaring_another_comparison_is_left_out_of_the_check() -> None:
     """A cheater loosening the comparison for itself (or another version of the capability) checks nobody."""
-    peers = [info("a", compare="rel=1e-6"), info("b", compare="rel=1e-6"), info("c", compare="rel=0.5")]
-    r = router(peers, ranked("c", "a", "b"), answers={"a": 1.0, "b": 1.0000001, "c": 1.4})
-    done = await Verifier(r, CheckEverything()).submit("demo.add")
+    peers = [info(n, compare="rel=0.5" if n == "c" else "rel=1e-6") for n in "abcd"]
+    answers = {"a": 1.0, "b": 1.0000001, "c": 1.4, "d": 1.0}
+    r = router(peers, ranked("c", "a", "b", "d"), answers=answers)
+    done = await Verifier(r).submit_quorum("demo.add", replicas=3, quorum=3)  # by rank: a, b, c without the rule
     await r.flush()
-    assert "c" not in asked(r) and done.outcome.value in (1.0, 1.0000001)
+    assert sorted(asked(r)) == ["a", "b", "d"] and done.outcome.value in (1.0, 1.0000001)
     assert {e.compare for e in stored(r)} == {"rel=1e-06"}
+    auto = router(peers, ranked("c", "a", "b", "d"), answers=answers)
+    await Verifier(auto, CheckEverything()).submit("demo.add")
+    assert "c" not in asked(auto)
 
 
 async def test_agreeing_cheaters_cannot_outvote_trust() -> None:
